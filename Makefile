@@ -1,0 +1,54 @@
+# revdeq_kernels: every target sets up what it needs in a virtual environment (.venv) first.
+#   make demo   set up, then run the main job (a quick CPU benchmark/demo)
+#   make test   set up, then run the test suite (what CI runs through .ci/run)
+# Other targets: install, bench, cuda-check, lint, gpu, clean.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_VERSION ?= 2.13.0
+PYTEST_ARGS ?=
+
+# Never let pip pull PyPI's multi-GB CUDA build of torch onto a machine without an NVIDIA GPU:
+# use a local CPU wheel when pip is configured with one (find-links), else PyTorch's CPU index.
+CPU_TORCH_WHEEL := $(firstword $(foreach d,$(subst :, ,$(PIP_FIND_LINKS)),$(wildcard $(d)/torch-$(TORCH_VERSION)+cpu-*.whl)))
+HAVE_NVIDIA := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo yes)
+TORCH_PIP_ARGS ?= $(if $(or $(CPU_TORCH_WHEEL),$(HAVE_NVIDIA)),,--index-url https://download.pytorch.org/whl/cpu)
+
+CSRC := $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu csrc/cuda/*.cuh csrc/cuda/*.cpp csrc/cuda/*.h)
+
+.PHONY: install test demo bench cuda-check lint gpu clean
+
+# The environment: torch first (so the extension builds against it), then the package with its
+# test and benchmark extras.
+$(VENV)/.deps: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install "torch==$(TORCH_VERSION)" $(TORCH_PIP_ARGS)
+	$(PY) -m pip install --no-build-isolation -e ".[test,bench]"
+	touch $(VENV)/.built $@
+
+# Rebuild revdeq_kernels._C whenever a C++/CUDA source changes.
+$(VENV)/.built: $(VENV)/.deps setup.py $(CSRC)
+	$(PY) -m pip install --no-build-isolation --no-deps -e .
+	touch $@
+
+install: $(VENV)/.built
+
+test: install
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+demo: install
+	$(PY) -m benchmarks --quick
+
+bench: install
+	$(PY) -m benchmarks --quick
+
+cuda-check:
+	$(PYTHON) tools/cuda_check.py
+
+lint: $(VENV)/.deps
+	$(PY) -m ruff check revdeq_kernels benchmarks tests setup.py
+
+clean:
+	rm -rf build dist *.egg-info revdeq_kernels/*.so .pytest_cache
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -1,0 +1,22 @@
+// Argument checks for the revdeq ops, shared by the CPU and CUDA launchers. They guard memory safety
+// for callers of torch.ops.revdeq.* directly; the Python API checks the same things first.
+#pragma once
+
+#include <ATen/ATen.h>
+
+namespace revdeq {
+
+// relax_ / unrelax_: state is updated in place from f_val.
+void check_pointwise(const char* op, const at::Tensor& state, const at::Tensor& f_val, double beta,
+                     c10::DeviceType device_type);
+
+// residual: reads z and fz.
+void check_residual(const at::Tensor& z, const at::Tensor& fz, c10::DeviceType device_type);
+
+// Coefficients (a, b) with new_state = a * state + b * f for relax_ (inverse=false) or unrelax_.
+std::pair<double, double> update_coefficients(double beta, bool inverse);
+
+// float64 for float64 states, float32 otherwise.
+at::ScalarType residual_dtype(const at::Tensor& z);
+
+}  // namespace revdeq

@@ -1,0 +1,30 @@
+// Op schemas of the revdeq namespace and the Python module that loads them.
+// Kernels register per dispatch key in csrc/cpu/ and csrc/cuda/; fake (meta) kernels for
+// torch.compile live in revdeq_kernels/backends/extension.py.
+#include <torch/extension.h>
+
+TORCH_LIBRARY(revdeq, m) {
+  // state = (1 - beta) * state + beta * f_val, in place.
+  m.def("relax_(Tensor(a!) state, Tensor f_val, float beta) -> ()");
+  // state = (state - beta * f_val) / (1 - beta), in place: the inverse of relax_.
+  m.def("unrelax_(Tensor(a!) state, Tensor f_val, float beta) -> ()");
+  // [sum((z - fz)^2), sum(fz^2)] in one pass; float64 for float64 z, float32 otherwise.
+  m.def("residual(Tensor z, Tensor fz) -> Tensor");
+}
+
+namespace {
+
+bool built_with_cuda() {
+#ifdef REVDEQ_WITH_CUDA
+  return true;
+#else
+  return false;
+#endif
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "revdeq_kernels compiled ops; importing this module registers torch.ops.revdeq.*";
+  m.def("built_with_cuda", &built_with_cuda, "True when the CUDA kernels were compiled in");
+}

@@ -1,0 +1,54 @@
+"""Which backends exist, which device types each serves, and the order `auto` tries them in.
+
+A backend module defines relax_(state, f_val, beta) -> None, unrelax_(...) -> None,
+residual(z, fz) -> Tensor and unavailable_reason(device_type) -> str | None. Argument checks
+happen before, in revdeq_kernels/ops.py; backends may assume valid, non-empty inputs.
+"""
+
+import importlib
+
+import torch
+
+# name -> (module in this package, device types it can serve; None means every device type)
+_BACKENDS = {
+    "cuda": ("extension", ("cuda",)),
+    "triton": ("triton", ("cuda", "cpu")),
+    "cpp": ("extension", ("cpu",)),
+    "reference": ("reference", None),
+}
+NAMES = tuple(_BACKENDS)
+
+# What `auto` tries, first available wins. Triton on CPU (its interpreter) is for tests only, so it
+# is used there only when asked for by name.
+AUTO_ORDER = {
+    "cuda": ("cuda", "triton", "reference"),
+    "cpu": ("cpp", "reference"),
+}
+DEFAULT_ORDER = ("reference",)
+
+
+def load(name: str):
+    """The backend's module, or a string saying why it cannot be imported."""
+    module_name, _ = _BACKENDS[name]
+    try:
+        return importlib.import_module(f"{__name__}.{module_name}")
+    except ImportError as exc:
+        return f"its module revdeq_kernels.backends.{module_name} failed to import ({exc})"
+
+
+def unavailable_reason(name: str, device_type: str) -> str | None:
+    """None when backend `name` can run ops on tensors of `device_type` here, else why not."""
+    _, devices = _BACKENDS[name]
+    if devices is not None and device_type not in devices:
+        return f"it serves {' and '.join(devices)} tensors only"
+    module = load(name)
+    if isinstance(module, str):
+        return module
+    reason = module.unavailable_reason(device_type)
+    if reason is None and device_type == "cuda" and not torch.cuda.is_available():
+        reason = "no CUDA device is visible"
+    return reason
+
+
+def auto_order(device_type: str) -> tuple:
+    return AUTO_ORDER.get(device_type, DEFAULT_ORDER)

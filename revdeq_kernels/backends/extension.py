@@ -1,0 +1,68 @@
+"""The compiled module revdeq_kernels._C: C++ CPU kernels, and CUDA kernels when it was built with them.
+
+Importing _C registers torch.ops.revdeq.{relax_, unrelax_, residual}; this file adds their fake
+(meta) kernels so they trace under torch.compile. When _C is missing, the package still works on
+the reference backend and this module explains how to build it.
+"""
+
+import torch
+
+BUILD_COMMAND = "pip install --no-build-isolation -e .  (from the revdeq_kernels source tree)"
+
+try:
+    from revdeq_kernels import _C
+except ImportError as exc:  # not built, or built against another torch
+    _C = None
+    _LOAD_ERROR = f"revdeq_kernels._C is not importable ({exc}); build it with: {BUILD_COMMAND}"
+else:
+    _LOAD_ERROR = None
+
+
+def loaded() -> bool:
+    return _C is not None
+
+
+def built_with_cuda() -> bool:
+    return _C is not None and _C.built_with_cuda()
+
+
+def unavailable_reason(device_type: str) -> str | None:
+    if _C is None:
+        return _LOAD_ERROR
+    if device_type == "cpu":
+        return None
+    if device_type == "cuda":
+        if not _C.built_with_cuda():
+            return (
+                "revdeq_kernels._C was built without CUDA kernels (CPU-only torch, no nvcc, or "
+                f"REVDEQ_SKIP_CUDA_BUILD); rebuild with CUDA torch and nvcc: {BUILD_COMMAND}"
+            )
+        return None
+    return f"revdeq_kernels._C has no kernels for {device_type} tensors"
+
+
+def relax_(state: torch.Tensor, f_val: torch.Tensor, beta: float) -> None:
+    torch.ops.revdeq.relax_(state, f_val, beta)
+
+
+def unrelax_(state: torch.Tensor, f_val: torch.Tensor, beta: float) -> None:
+    torch.ops.revdeq.unrelax_(state, f_val, beta)
+
+
+def residual(z: torch.Tensor, fz: torch.Tensor) -> torch.Tensor:
+    return torch.ops.revdeq.residual(z, fz)
+
+
+if _C is not None:
+
+    @torch.library.register_fake("revdeq::relax_")
+    def _relax_fake(state, f_val, beta):
+        return None
+
+    @torch.library.register_fake("revdeq::unrelax_")
+    def _unrelax_fake(state, f_val, beta):
+        return None
+
+    @torch.library.register_fake("revdeq::residual")
+    def _residual_fake(z, fz):
+        return z.new_empty(2, dtype=torch.float64 if z.dtype == torch.float64 else torch.float32)

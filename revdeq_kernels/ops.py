@@ -1,0 +1,221 @@
+"""The fused in-place ops of RevDEQ: argument checks and the one backend choice point.
+
+    relax_(state, f_val, beta)    state <- (1 - beta) * state + beta * f_val
+    unrelax_(state, f_val, beta)  state <- (state - beta * f_val) / (1 - beta)
+    residual(z, fz)               [sum((z - fz)^2), sum(fz^2)]
+
+Backend choice: `backend=` argument, else the REVDEQ_BACKEND environment variable, else `auto`,
+which tries, for CUDA tensors: cuda (compiled extension), triton, reference; for CPU tensors:
+cpp (compiled extension), reference. A backend asked for by name that cannot serve the tensors
+raises; it never falls back silently.
+"""
+
+import math
+import numbers
+import os
+
+import torch
+
+from . import backends
+
+FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+_DTYPE_NAMES = "float64, float32, float16 or bfloat16"
+_resolved = {}  # (device_type, requested name) -> backend name
+_modules = {}  # backend name -> its module
+
+
+def check_beta(op: str, beta) -> float:
+    """beta as a float, or a clear error: it must be a finite real number in (0, 2) other than 1."""
+    if isinstance(beta, bool) or not isinstance(beta, numbers.Real):
+        hint = " (a tensor would need a device-to-host sync; pass a Python float)" if isinstance(
+            beta, torch.Tensor) else ""
+        raise TypeError(f"{op}: beta must be a real number, got {type(beta).__name__}{hint}")
+    beta = float(beta)
+    if not (math.isfinite(beta) and 0.0 < beta < 2.0 and beta != 1.0):
+        raise ValueError(f"{op}: beta must be a finite number in (0, 2) other than 1, got {beta!r}")
+    return beta
+
+
+def _check_tensor(op: str, name: str, t) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{op}: {name} must have dtype {_DTYPE_NAMES}, got {t.dtype}")
+
+
+def _byte_range(t: torch.Tensor) -> tuple:
+    start = t.storage_offset() * t.element_size()
+    span = 1 + sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
+    return start, start + span * t.element_size()
+
+
+def _may_share_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """True when the byte ranges the two tensors span intersect (exact for dense tensors)."""
+    if a.numel() == 0 or b.numel() == 0:
+        return False
+    if a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
+        return False
+    a0, a1 = _byte_range(a)
+    b0, b1 = _byte_range(b)
+    return a0 < b1 and b0 < a1
+
+
+def _check_pair(op: str, state_name: str, state, f_name: str, f) -> None:
+    _check_tensor(op, state_name, state)
+    _check_tensor(op, f_name, f)
+    if f.device != state.device:
+        raise ValueError(f"{op}: {f_name} is on {f.device} but {state_name} is on {state.device}")
+    if torch.promote_types(state.dtype, f.dtype) != state.dtype:
+        raise TypeError(
+            f"{op}: {f_name} has dtype {f.dtype}, which {state_name} ({state.dtype}) cannot hold without "
+            f"losing precision; {f_name} may be as precise as {state_name} or less"
+        )
+    if f.shape != state.shape:
+        raise ValueError(f"{op}: {f_name} has shape {tuple(f.shape)} but {state_name} has shape "
+                         f"{tuple(state.shape)}")
+    if torch.is_grad_enabled() and (state.requires_grad or f.requires_grad):
+        which = state_name if state.requires_grad else f_name
+        raise RuntimeError(
+            f"{op}: {which} requires grad and grad mode is on, but {op} records no autograd history; "
+            f"call it under torch.no_grad() or pass detached tensors"
+        )
+
+
+def _check_pointwise(op: str, state, f_val, beta) -> float:
+    _check_pair(op, "state", state, "f_val", f_val)
+    beta = check_beta(op, beta)
+    if not torch.compiler.is_compiling():  # storage pointers do not exist while tracing
+        if torch._debug_has_internal_overlap(state) == 1:
+            raise ValueError(f"{op}: state has internal overlap (e.g. an expanded view); an in-place "
+                             "update would write some elements more than once")
+        if _may_share_memory(state, f_val):
+            raise ValueError(f"{op}: f_val shares memory with state; the in-place update would read "
+                             "values it has already overwritten (pass f_val.clone())")
+    return beta
+
+
+def _backend_for(op: str, device: torch.device, backend: str | None):
+    requested = backend or os.environ.get("REVDEQ_BACKEND") or "auto"
+    return _modules[_backend_name(op, device.type, requested)]
+
+
+@torch.compiler.assume_constant_result  # resolved once while tracing: imports are not traceable
+def _backend_name(op: str, device_type: str, requested: str) -> str:
+    """The backend that serves `device_type` tensors for `requested`, loading its module into _modules."""
+    key = (device_type, requested)
+    name = _resolved.get(key)
+    if name is not None:
+        return name
+    if requested == "auto":
+        reasons = []
+        for candidate in backends.auto_order(device_type):
+            reason = backends.unavailable_reason(candidate, device_type)
+            if reason is None:
+                name = candidate
+                break
+            reasons.append(f"{candidate}: {reason}")
+        else:  # only reachable if even the reference backend is broken
+            raise RuntimeError(f"{op}: no backend can serve {device_type} tensors ({'; '.join(reasons)})")
+    elif requested not in backends.NAMES:
+        raise ValueError(f"{op}: unknown backend {requested!r}; expected 'auto' or one of "
+                         f"{', '.join(backends.NAMES)}")
+    else:
+        reason = backends.unavailable_reason(requested, device_type)
+        if reason is not None:
+            raise RuntimeError(f"{op}: backend {requested!r} is not available for {device_type} tensors: "
+                               f"{reason}")
+        name = requested
+    _modules[name] = backends.load(name)
+    _resolved[key] = name
+    return name
+
+
+def relax_(state: torch.Tensor, f_val: torch.Tensor, beta: float, *, backend: str | None = None):
+    """In place: ``state = (1 - beta) * state + beta * f_val``; returns ``state``.
+
+    Args:
+        state: floating tensor (float64, float32, float16 or bfloat16), any shape and strides, updated
+            in place. It must not require grad while grad mode is on.
+        f_val: same shape and device as ``state``; its dtype may be less precise than ``state``'s
+            (e.g. state float32, f_val bfloat16), never more. Must not share memory with ``state``.
+        beta: Python float in (0, 2), not 1.
+        backend: ``None``/``"auto"``, ``"cuda"``, ``"triton"``, ``"cpp"`` or ``"reference"``.
+
+    Arithmetic is float64 for float64 states and float32 otherwise, rounded once to ``state.dtype``.
+    Empty tensors are a no-op.
+
+    Example:
+        >>> y, fz = torch.randn(1024), torch.randn(1024)
+        >>> relax_(y, fz, 0.8)  # y is now 0.2 * y + 0.8 * fz
+    """
+    beta = _check_pointwise("relax_", state, f_val, beta)
+    if state.numel() > 0:
+        _backend_for("relax_", state.device, backend).relax_(state, f_val, beta)
+    return state
+
+
+def unrelax_(state: torch.Tensor, f_val: torch.Tensor, beta: float, *, backend: str | None = None):
+    """In place: ``state = (state - beta * f_val) / (1 - beta)``, the inverse of :func:`relax_`.
+
+    Same argument rules as :func:`relax_`; returns ``state``. Rounding is amplified by
+    ``1 / |1 - beta|`` per call, which is why RevDEQ keeps its states in float64 by default.
+
+    Example:
+        >>> y, fz = torch.randn(1024, dtype=torch.float64), torch.randn(1024, dtype=torch.float64)
+        >>> y0 = y.clone()
+        >>> unrelax_(relax_(y, fz, 0.5), fz, 0.5)
+        >>> torch.allclose(y, y0)
+        True
+    """
+    beta = _check_pointwise("unrelax_", state, f_val, beta)
+    if state.numel() > 0:
+        _backend_for("unrelax_", state.device, backend).unrelax_(state, f_val, beta)
+    return state
+
+
+def residual(z: torch.Tensor, fz: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
+    """``[sum((z - fz)^2), sum(fz^2)]`` in one pass over memory, without a host synchronisation.
+
+    Args:
+        z: floating tensor (float64, float32, float16 or bfloat16), any shape and strides.
+        fz: same shape and device as ``z``; dtype as precise as ``z``'s or less.
+        backend: as for :func:`relax_`.
+
+    Returns:
+        A tensor of shape (2,) on ``z``'s device: float64 when ``z`` is float64 (accumulated in
+        float64), float32 otherwise (accumulated in at least float32). Zeros for empty inputs.
+        The relative residual is ``(out[0] / out[1]).sqrt()``.
+
+    Example:
+        >>> z, fz = torch.randn(1000), torch.randn(1000)
+        >>> d2, f2 = residual(z, fz)
+    """
+    _check_pair("residual", "z", z, "fz", fz)
+    if z.numel() == 0:
+        return torch.zeros(2, dtype=torch.float64 if z.dtype == torch.float64 else torch.float32,
+                           device=z.device)
+    return _backend_for("residual", z.device, backend).residual(z, fz)
+
+
+def available_backends() -> dict:
+    """What serves which device type here, and why the other backends do not.
+
+    Returns a dict: ``{"cpu": [...], "cuda": [...]}`` list the backends usable for that device type
+    in the order ``auto`` tries them (the first one is the default), and ``"unavailable"`` maps
+    ``"name (device type)"`` to the reason it cannot run there.
+
+    Example:
+        >>> available_backends()["cpu"]
+        ['cpp', 'reference']
+    """
+    report = {"cpu": [], "cuda": [], "unavailable": {}}
+    for device_type in ("cpu", "cuda"):
+        listed = list(backends.auto_order(device_type))
+        listed += [n for n in backends.NAMES if n not in listed]  # usable by name only
+        for name in listed:
+            reason = backends.unavailable_reason(name, device_type)
+            if reason is None:
+                report[device_type].append(name)
+            elif not reason.startswith("it serves"):
+                report["unavailable"][f"{name} ({device_type})"] = reason
+    return report

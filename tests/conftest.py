@@ -1,0 +1,23 @@
+import os
+import sys
+
+import pytest
+import torch
+
+# Tests import the shared case helpers (tests/op_cases.py) as a plain module.
+sys.path.insert(0, os.path.dirname(__file__))
+
+
+@pytest.fixture(autouse=True)
+def _no_backend_override(monkeypatch):
+    # A REVDEQ_BACKEND in the caller's environment must not change what the tests exercise.
+    monkeypatch.delenv("REVDEQ_BACKEND", raising=False)
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device; none is visible on this machine")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

@@ -1,0 +1,195 @@
+"""The public op API: argument errors, empty tensors, backend choice, and torch.compile."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import revdeq_kernels as rk
+from revdeq_kernels.backends import extension
+
+t = torch.randn
+base = torch.randn(20)
+
+# (call, exception type, regex of the message): every message names the op, the argument,
+# what was expected and what was given.
+BAD_INPUTS = [
+    ("shape", lambda: rk.relax_(t(4, 9), t(4, 8), 0.5), ValueError,
+     r"relax_: f_val has shape \(4, 8\) but state has shape \(4, 9\)"),
+    ("shape residual", lambda: rk.residual(t(3), t(4)), ValueError,
+     r"residual: fz has shape \(4,\) but z has shape \(3,\)"),
+    ("device", lambda: rk.unrelax_(t(4), t(4, device="meta"), 0.5), ValueError,
+     r"unrelax_: f_val is on meta but state is on cpu"),
+    ("int state", lambda: rk.relax_(torch.ones(4, dtype=torch.int64), t(4), 0.5), TypeError,
+     r"relax_: state must have dtype float64, float32, float16 or bfloat16, got torch.int64"),
+    ("bool f", lambda: rk.relax_(t(4), torch.ones(4, dtype=torch.bool), 0.5), TypeError,
+     r"relax_: f_val must have dtype .* got torch.bool"),
+    ("complex z", lambda: rk.residual(t(4, dtype=torch.complex64), t(4, dtype=torch.complex64)), TypeError,
+     r"residual: z must have dtype .* got torch.complex64"),
+    ("non-tensor state", lambda: rk.relax_([1.0, 2.0], t(2), 0.5), TypeError,
+     r"relax_: state must be a torch.Tensor, got list"),
+    ("non-tensor fz", lambda: rk.residual(t(2), 3.0), TypeError, r"residual: fz must be a torch.Tensor, got float"),
+    ("f more precise", lambda: rk.relax_(t(4), t(4, dtype=torch.float64), 0.5), TypeError,
+     r"relax_: f_val has dtype torch.float64, which state \(torch.float32\) cannot hold without losing precision"),
+    ("f other half", lambda: rk.unrelax_(t(4, dtype=torch.float16), t(4, dtype=torch.bfloat16), 0.5), TypeError,
+     r"unrelax_: f_val has dtype torch.bfloat16, which state \(torch.float16\)"),
+    ("fz more precise", lambda: rk.residual(t(4, dtype=torch.bfloat16), t(4)), TypeError,
+     r"residual: fz has dtype torch.float32, which z \(torch.bfloat16\)"),
+    ("overlap", lambda: rk.relax_(base[:10], base[5:15], 0.5), ValueError,
+     r"relax_: f_val shares memory with state"),
+    ("alias", lambda: rk.unrelax_(base, base, 0.5), ValueError, r"unrelax_: f_val shares memory with state"),
+    ("expanded state", lambda: rk.relax_(t(1).expand(6), t(6), 0.5), ValueError,
+     r"relax_: state has internal overlap"),
+    ("beta 1", lambda: rk.relax_(t(4), t(4), 1.0), ValueError,
+     r"relax_: beta must be a finite number in \(0, 2\) other than 1, got 1.0"),
+    ("beta 0", lambda: rk.unrelax_(t(4), t(4), 0), ValueError, r"unrelax_: beta must be .* got 0.0"),
+    ("beta 2", lambda: rk.relax_(t(4), t(4), 2.0), ValueError, r"got 2.0"),
+    ("beta negative", lambda: rk.relax_(t(4), t(4), -0.5), ValueError, r"got -0.5"),
+    ("beta nan", lambda: rk.relax_(t(4), t(4), float("nan")), ValueError, r"got nan"),
+    ("beta inf", lambda: rk.relax_(t(4), t(4), float("inf")), ValueError, r"got inf"),
+    ("beta tensor", lambda: rk.relax_(t(4), t(4), torch.tensor(0.5)), TypeError,
+     r"relax_: beta must be a real number, got Tensor \(a tensor would need a device-to-host sync"),
+    ("beta string", lambda: rk.relax_(t(4), t(4), "0.5"), TypeError, r"relax_: beta must be a real number, got str"),
+    ("beta bool", lambda: rk.relax_(t(4), t(4), True), TypeError, r"got bool"),
+    ("state requires grad", lambda: rk.relax_(t(4, requires_grad=True), t(4), 0.5), RuntimeError,
+     r"relax_: state requires grad and grad mode is on"),
+    ("f requires grad", lambda: rk.unrelax_(t(4), t(4, requires_grad=True), 0.5), RuntimeError,
+     r"unrelax_: f_val requires grad and grad mode is on"),
+    ("residual requires grad", lambda: rk.residual(t(4, requires_grad=True), t(4)), RuntimeError,
+     r"residual: z requires grad and grad mode is on"),
+    ("unknown backend", lambda: rk.relax_(t(4), t(4), 0.5, backend="cudnn"), ValueError,
+     r"relax_: unknown backend 'cudnn'; expected 'auto' or one of cuda, triton, cpp, reference"),
+    ("wrong device backend", lambda: rk.residual(t(4), t(4), backend="cuda"), RuntimeError,
+     r"residual: backend 'cuda' is not available for cpu tensors: it serves cuda tensors only"),
+]
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS, ids=[c[0] for c in BAD_INPUTS])
+def test_bad_input_gets_a_clear_error(case):
+    _, call, exc, pattern = case
+    with pytest.raises(exc, match=pattern):
+        call()
+
+
+def test_errors_leave_the_state_untouched():
+    state, before = torch.randn(8), None
+    before = state.clone()
+    with pytest.raises(ValueError):
+        rk.relax_(state, torch.randn(8), 1.0)
+    assert torch.equal(state, before)
+
+
+def test_requires_grad_is_fine_under_no_grad():
+    state = torch.randn(4, requires_grad=True)
+    f = torch.randn(4)
+    want = 0.5 * state.detach() + 0.5 * f
+    with torch.no_grad():
+        rk.relax_(state, f, 0.5)
+    torch.testing.assert_close(state.detach(), want)
+
+
+def test_adjacent_slices_of_one_buffer_are_not_overlap():
+    buf = torch.randn(20)
+    state, f = buf[:10], buf[10:]
+    want = 0.3 * state + 0.7 * f
+    rk.relax_(state, f, 0.7)
+    torch.testing.assert_close(buf[:10], want)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpp"])
+@pytest.mark.parametrize("shape", [(0,), (3, 0), (0, 5, 2)])
+def test_empty_tensors(backend, shape):
+    if backend == "cpp" and not extension.loaded():
+        pytest.skip("the C++ extension is not built")
+    state, f = torch.empty(shape), torch.empty(shape, dtype=torch.bfloat16)
+    assert rk.relax_(state, f, 0.5, backend=backend) is state
+    assert rk.unrelax_(state, f, 0.5, backend=backend) is state
+    out = rk.residual(state, f, backend=backend)
+    assert out.shape == (2,) and out.dtype == torch.float32 and torch.equal(out, torch.zeros(2))
+    out64 = rk.residual(state.double(), f, backend=backend)
+    assert out64.dtype == torch.float64
+
+
+def test_available_backends_report():
+    report = rk.available_backends()
+    assert set(report) == {"cpu", "cuda", "unavailable"}
+    assert "reference" in report["cpu"]
+    if extension.loaded():
+        assert report["cpu"][0] == "cpp"
+    if not torch.cuda.is_available():
+        assert report["cuda"] == []
+        assert "no CUDA device" in report["unavailable"]["reference (cuda)"]
+        assert "cuda (cuda)" in report["unavailable"]
+    for where, reason in report["unavailable"].items():
+        assert isinstance(reason, str) and reason, where
+
+
+def test_env_var_selects_backend(monkeypatch):
+    monkeypatch.setenv("REVDEQ_BACKEND", "no-such-backend")
+    with pytest.raises(ValueError, match="unknown backend 'no-such-backend'"):
+        rk.relax_(torch.randn(3), torch.randn(3), 0.5)
+    monkeypatch.setenv("REVDEQ_BACKEND", "cuda")
+    with pytest.raises(RuntimeError, match="backend 'cuda' is not available for cpu tensors"):
+        rk.residual(torch.randn(3), torch.randn(3))
+    monkeypatch.setenv("REVDEQ_BACKEND", "reference")
+    state, f = torch.randn(3), torch.randn(3)
+    want = 0.5 * state + 0.5 * f
+    rk.relax_(state, f, 0.5)
+    torch.testing.assert_close(state, want)
+
+
+def test_backend_argument_beats_env_var(monkeypatch):
+    monkeypatch.setenv("REVDEQ_BACKEND", "no-such-backend")
+    state, f = torch.randn(3), torch.randn(3)
+    rk.relax_(state, f, 0.5, backend="reference")
+
+
+def test_backend_that_is_not_built_raises_with_build_command(monkeypatch):
+    monkeypatch.setattr(extension, "_C", None)
+    monkeypatch.setattr(extension, "_LOAD_ERROR", "revdeq_kernels._C is not importable; build it with: "
+                        + extension.BUILD_COMMAND)
+    from revdeq_kernels import ops
+    monkeypatch.setattr(ops, "_resolved", {})
+    with pytest.raises(RuntimeError, match=r"backend 'cpp' is not available .*pip install --no-build-isolation -e \."):
+        rk.relax_(torch.randn(3), torch.randn(3), 0.5, backend="cpp")
+
+
+def test_package_works_without_the_compiled_module():
+    # A fresh interpreter where importing revdeq_kernels._C fails, as on a pure-Python install.
+    code = (
+        "import sys; sys.modules['revdeq_kernels._C'] = None\n"
+        "import torch, revdeq_kernels as rk\n"
+        "r = rk.available_backends()\n"
+        "assert r['cpu'] == ['reference'], r\n"
+        "assert 'pip install --no-build-isolation -e .' in r['unavailable']['cpp (cpu)'], r\n"
+        "s, f = torch.randn(100), torch.randn(100)\n"
+        "want = 0.2 * s + 0.8 * f\n"
+        "rk.relax_(s, f, 0.8)\n"
+        "torch.testing.assert_close(s, want)\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=os.path.dirname(__file__))
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpp"])
+def test_torch_compile_fullgraph(backend):
+    if backend == "cpp" and not extension.loaded():
+        pytest.skip("the C++ extension is not built")
+    torch._dynamo.reset()
+
+    @torch.compile(fullgraph=True, backend="aot_eager")
+    def step(y, z, fz, beta):
+        rk.relax_(y, fz, beta, backend=backend)
+        rk.unrelax_(z, fz, beta, backend=backend)
+        return rk.residual(z, fz, backend=backend)
+
+    y, z, fz = torch.randn(257), torch.randn(257), torch.randn(257)
+    y_want = 0.2 * y + 0.8 * fz
+    z_want = (z - 0.8 * fz) / 0.2
+    out = step(y, z, fz, 0.8)
+    torch.testing.assert_close(y, y_want)
+    torch.testing.assert_close(z, z_want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out, torch.stack([((z_want - fz) ** 2).sum(), (fz ** 2).sum()]), rtol=1e-5, atol=0)
