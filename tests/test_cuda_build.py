@@ -117,7 +117,7 @@ void check_pair(const char* name) {
         for (int64_t i = 0; i < n; ++i)
           EXPECT(seen[i] == 1, "%s off %d/%d n %lld: element %lld visited %d times", name, s_off, f_off,
                  (long long)n, (long long)i, seen[i]);
-        const int grid = grid_for<P>(sp, 1056);
+        const int grid = grid_for<S>(sp, 1056);
         EXPECT(grid >= 1 && grid <= 1056, "%s: grid %d", name, grid);
       }
     }
@@ -131,7 +131,7 @@ void check_pair(const char* name) {
     EXPECT(tail >= 0 && scalar_count<P>(sp) <= 2 * P - 2 &&
            scalar_index<P>(sp, scalar_count<P>(sp) - 1) == (tail > 0 ? n - 1 : sp.head - 1),
            "%s n %lld: big span head %lld packs %lld", name, (long long)n, (long long)sp.head, (long long)sp.packs);
-    EXPECT(grid_for<P>(sp, 1056) == 1056, "%s: big n must use every resident block", name);
+    EXPECT(grid_for<S>(sp, 1056) == 1056, "%s: big n must use every resident block", name);
   }
 }
 

@@ -99,6 +99,11 @@ __device__ __forceinline__ A fused_mul_add(A a, A x, A y) {
 template <typename S>
 constexpr int kPackElems = kPackBytes / static_cast<int>(sizeof(S));
 
+// Scalar elements a thread handles per step of the scalar loop (independent loads in flight): up
+// to 4, fewer for wide types, so the scalar loop never needs more registers than the pack loop.
+template <typename S>
+constexpr int kScalarGroup = kPackElems<S> < 4 ? kPackElems<S> : 4;
+
 template <int Bytes>
 struct RawWord;
 template <>
@@ -218,7 +223,7 @@ inline cudaError_t device_block_limit(int* blocks) {
     int sms = 0, threads_per_sm = 0;
     cudaError_t err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
     if (err == cudaSuccess) err = cudaDeviceGetAttribute(&threads_per_sm, cudaDevAttrMaxThreadsPerMultiProcessor, device);
-    *out = sms * (threads_per_sm > kThreads ? threads_per_sm / kThreads : 1);
+    *out = sms * (threads_per_sm >= kThreads ? threads_per_sm / kThreads : 1);
     return err;
   }, blocks);
 }
@@ -237,12 +242,13 @@ cudaError_t resident_blocks(int* blocks) {
   }, blocks);
 }
 
-// Grid for a span: enough threads for one unrolled step over the packs (or one scalar element
-// each), capped at what is resident; the kernels stride over the rest.
-template <int P>
+// Grid for a span of state type S: enough threads for one step over the packs (kUnroll each) or
+// the scalar elements (kScalarGroup each), capped at what is resident; the kernels stride over the rest.
+template <typename S>
 int grid_for(const Span& span, int max_blocks) {
+  constexpr int P = kPackElems<S>, G = kScalarGroup<S>;
   const int64_t vector_work = (span.packs + kUnroll - 1) / kUnroll;
-  const int64_t scalar_work = span.n - span.packs * P;
+  const int64_t scalar_work = (span.n - span.packs * P + G - 1) / G;
   const int64_t work = vector_work > scalar_work ? vector_work : scalar_work;
   const int64_t blocks = (work + kThreads - 1) / kThreads;
   return static_cast<int>(blocks < 1 ? 1 : (blocks < max_blocks ? blocks : max_blocks));

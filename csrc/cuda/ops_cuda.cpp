@@ -8,8 +8,8 @@
 #include <cstdint>
 
 #include "checks.h"
-#include "cuda/revdeq_cuda.h"
 #include "layout.h"
+#include "revdeq_cuda.h"
 
 namespace revdeq {
 namespace {

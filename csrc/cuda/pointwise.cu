@@ -43,10 +43,26 @@ __global__ void __launch_bounds__(kThreads)
     }
   }
 
+  // The scalar elements, G per thread and step (all of them when no pack is aligned): loads first,
+  // so a misaligned view still has G independent loads per array in flight per thread.
+  constexpr int G = kScalarGroup<S>;
   const int64_t scalars = scalar_count<P>(span);
-  for (int64_t j = tid; j < scalars; j += stride) {
-    const int64_t i = scalar_index<P>(span, j);
-    state[i] = narrow<S>(fused_mul_add(a, widen<A>(state[i]), b * widen<A>(f[i])));
+  for (int64_t j = tid; j < scalars; j += G * stride) {
+    A s[G], fv[G];
+#pragma unroll
+    for (int k = 0; k < G; ++k) {
+      const int64_t jk = j + k * stride;
+      if (jk < scalars) {
+        const int64_t i = scalar_index<P>(span, jk);
+        s[k] = widen<A>(state[i]);
+        fv[k] = widen<A>(f[i]);
+      }
+    }
+#pragma unroll
+    for (int k = 0; k < G; ++k) {
+      const int64_t jk = j + k * stride;
+      if (jk < scalars) state[scalar_index<P>(span, jk)] = narrow<S>(fused_mul_add(a, s[k], b * fv[k]));
+    }
   }
 }
 
@@ -66,7 +82,7 @@ cudaError_t affine_update(void* state, DType state_dtype, const void* f, DType f
     const cudaError_t err = resident_blocks<affine_update_kernel<S, F>>(&max_blocks);
     if (err != cudaSuccess) return err;
     const Span span = plan_span(s_ptr, f_ptr, n);
-    const int grid = grid_for<kPackElems<S>>(span, max_blocks);
+    const int grid = grid_for<S>(span, max_blocks);
     affine_update_kernel<S, F><<<grid, kThreads, 0, stream>>>(s_ptr, f_ptr, span, static_cast<A>(a),
                                                                 static_cast<A>(b));
     return cudaGetLastError();

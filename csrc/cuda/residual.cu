@@ -57,13 +57,22 @@ __global__ void __launch_bounds__(kThreads)
     }
   }
 
+  // The scalar elements, G per thread and step into the first G lanes (all of them when no pack is
+  // aligned).
+  constexpr int G = kScalarGroup<Z>;
   const int64_t scalars = scalar_count<P>(span);
-  for (int64_t j = tid; j < scalars; j += stride) {
-    const int64_t i = scalar_index<P>(span, j);
-    const A fi = widen<A>(f[i]);
-    const A di = widen<A>(z[i]) - fi;
-    diff_sq[0] = fused_mul_add(di, di, diff_sq[0]);
-    f_sq[0] = fused_mul_add(fi, fi, f_sq[0]);
+  for (int64_t j = tid; j < scalars; j += G * stride) {
+#pragma unroll
+    for (int k = 0; k < G; ++k) {
+      const int64_t jk = j + k * stride;
+      if (jk < scalars) {
+        const int64_t i = scalar_index<P>(span, jk);
+        const A fi = widen<A>(f[i]);
+        const A di = widen<A>(z[i]) - fi;
+        diff_sq[k] = fused_mul_add(di, di, diff_sq[k]);
+        f_sq[k] = fused_mul_add(fi, fi, f_sq[k]);
+      }
+    }
   }
 
 #pragma unroll
@@ -131,7 +140,7 @@ cudaError_t residual(const void* z, DType z_dtype, const void* f, DType f_dtype,
     cudaError_t launch_err = resident_blocks<residual_kernel<Z, F>>(&max_blocks);
     if (launch_err != cudaSuccess) return launch_err;
     const Span span = plan_span(z_ptr, f_ptr, n);
-    const int grid = grid_for<kPackElems<Z>>(span, max_blocks);
+    const int grid = grid_for<Z>(span, max_blocks);
     auto* ticket = static_cast<unsigned int*>(workspace);
     auto* partials = reinterpret_cast<A*>(static_cast<char*>(workspace) + kTicketBytes);
     // The ticket must start at zero. Resetting it here (4 bytes, stream-ordered) instead of keeping
