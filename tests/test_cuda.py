@@ -83,8 +83,8 @@ def _offset_pair(n, pair, state_offset, f_offset, seed=0):
 @pytest.mark.parametrize("offsets", [(0, 1), (1, 0), (1, 3), (3, 2)], ids=lambda o: f"state+{o[0]}-f+{o[1]}")
 def test_relatively_misaligned_views(offsets, pair):
     # Offsets that no scalar head can align for both pointers take the scalar path for every
-    # element; offsets that can (a float32 state at +3 with bfloat16 f at +3 after 7 elements, ...)
-    # still vectorize. Either way: right values, nothing written outside the view.
+    # element; others still vectorize after a head (a float64 state at +1 with a float16 f at +3:
+    # one head element aligns both). Either way: right values, nothing written outside the view.
     for n in (1, 5, 1023, 70001):
         base, state, f = _offset_pair(n, pair, *offsets)
         for op in POINTWISE_OPS:
