@@ -222,7 +222,9 @@ inline cudaError_t device_block_limit(int* blocks) {
   return cached_per_device(cache, [](int device, int* out) {
     int sms = 0, threads_per_sm = 0;
     cudaError_t err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
-    if (err == cudaSuccess) err = cudaDeviceGetAttribute(&threads_per_sm, cudaDevAttrMaxThreadsPerMultiProcessor, device);
+    if (err == cudaSuccess) {
+      err = cudaDeviceGetAttribute(&threads_per_sm, cudaDevAttrMaxThreadsPerMultiProcessor, device);
+    }
     *out = sms * (threads_per_sm >= kThreads ? threads_per_sm / kThreads : 1);
     return err;
   }, blocks);
