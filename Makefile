@@ -47,7 +47,7 @@ cuda-check:
 	$(PYTHON) tools/cuda_check.py
 
 lint: $(VENV)/.deps
-	$(PY) -m ruff check revdeq_kernels benchmarks tests setup.py
+	$(PY) -m ruff check revdeq_kernels benchmarks tests tools setup.py
 
 clean:
 	rm -rf build dist *.egg-info revdeq_kernels/*.so .pytest_cache

@@ -1,0 +1,259 @@
+// Building blocks of the revdeq CUDA kernels (no torch): the one dtype dispatch, conversions that
+// widen half types to float, 16-byte packs with a runtime alignment plan, block sums, and the
+// launch geometry.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <atomic>
+#include <cstdint>
+#include <type_traits>
+
+#include "revdeq_cuda.h"
+
+namespace revdeq::cuda {
+
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / 32;
+constexpr int kPackBytes = 16;
+// Packs each thread loads before it computes: two 16-byte loads per array in flight per thread.
+constexpr int kUnroll = 2;
+
+template <typename T>
+struct Tag {
+  using type = T;
+};
+
+// fn(Tag<State>{}, Tag<F>{}) for the supported pairs: equal dtypes, float64 state with any f,
+// float32 state with a half f. Other pairs are rejected by the launcher's argument checks first.
+template <typename Fn>
+cudaError_t dispatch_pair(DType state, DType f, Fn&& fn) {
+  switch (state) {
+    case DType::kFloat64:
+      switch (f) {
+        case DType::kFloat64: return fn(Tag<double>{}, Tag<double>{});
+        case DType::kFloat32: return fn(Tag<double>{}, Tag<float>{});
+        case DType::kFloat16: return fn(Tag<double>{}, Tag<__half>{});
+        case DType::kBFloat16: return fn(Tag<double>{}, Tag<__nv_bfloat16>{});
+      }
+      break;
+    case DType::kFloat32:
+      switch (f) {
+        case DType::kFloat32: return fn(Tag<float>{}, Tag<float>{});
+        case DType::kFloat16: return fn(Tag<float>{}, Tag<__half>{});
+        case DType::kBFloat16: return fn(Tag<float>{}, Tag<__nv_bfloat16>{});
+        default: break;
+      }
+      break;
+    case DType::kFloat16:
+      if (f == DType::kFloat16) return fn(Tag<__half>{}, Tag<__half>{});
+      break;
+    case DType::kBFloat16:
+      if (f == DType::kBFloat16) return fn(Tag<__nv_bfloat16>{}, Tag<__nv_bfloat16>{});
+      break;
+  }
+  return cudaErrorInvalidValue;
+}
+
+// Arithmetic type of a state dtype: double for double, float for everything else.
+template <typename T>
+using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
+
+// Explicit conversions: torch builds with __CUDA_NO_HALF_CONVERSIONS__, so nothing is implicit.
+template <typename A, typename T>
+__device__ __forceinline__ A widen(T x) {
+  if constexpr (std::is_same_v<T, __half>) {
+    return static_cast<A>(__half2float(x));
+  } else if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    return static_cast<A>(__bfloat162float(x));
+  } else {
+    return static_cast<A>(x);
+  }
+}
+
+template <typename T, typename A>
+__device__ __forceinline__ T narrow(A x) {
+  if constexpr (std::is_same_v<T, __half>) {
+    return __float2half_rn(x);
+  } else if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    return __float2bfloat16_rn(x);
+  } else {
+    return static_cast<T>(x);
+  }
+}
+
+// a * x + y rounded once, in A (float or double).
+template <typename A>
+__device__ __forceinline__ A fused_mul_add(A a, A x, A y) {
+  if constexpr (std::is_same_v<A, double>) {
+    return __fma_rn(a, x, y);
+  } else {
+    return __fmaf_rn(a, x, y);
+  }
+}
+
+// A pack is the kPackBytes of the state dtype one thread moves at once, and the same number of
+// elements of f (16, 8 or 4 bytes): both sides get a single aligned vector access per pack.
+template <typename S>
+constexpr int kPackElems = kPackBytes / static_cast<int>(sizeof(S));
+
+// Scalar elements a thread handles per step of the scalar loop (independent loads in flight): up
+// to 4, fewer for wide types, so the scalar loop never needs more registers than the pack loop.
+template <typename S>
+constexpr int kScalarGroup = kPackElems<S> < 4 ? kPackElems<S> : 4;
+
+template <int Bytes>
+struct RawWord;
+template <>
+struct RawWord<16> {
+  using type = uint4;
+};
+template <>
+struct RawWord<8> {
+  using type = uint2;
+};
+template <>
+struct RawWord<4> {
+  using type = unsigned int;
+};
+
+template <typename T, int N>
+union Pack {
+  typename RawWord<N * static_cast<int>(sizeof(T))>::type raw;
+  T v[N];
+};
+
+template <int N, typename T>
+__device__ __forceinline__ Pack<T, N> load_pack(const T* p) {
+  Pack<T, N> pk;
+  pk.raw = *reinterpret_cast<const decltype(pk.raw)*>(p);
+  return pk;
+}
+
+template <int N, typename T>
+__device__ __forceinline__ void store_pack(T* p, const Pack<T, N>& pk) {
+  *reinterpret_cast<decltype(pk.raw)*>(p) = pk.raw;
+}
+
+// How n elements split into a scalar head, `packs` aligned packs and a scalar tail. When the two
+// pointers cannot both be aligned by the same head (e.g. f = x[1:] with an aligned state), every
+// element takes the scalar path: head = n, packs = 0.
+struct Span {
+  int64_t n;
+  int64_t head;
+  int64_t packs;
+};
+
+template <typename S, typename F>
+Span plan_span(const S* state, const F* f, int64_t n) {
+  constexpr int P = kPackElems<S>;
+  const auto s_addr = reinterpret_cast<uintptr_t>(state);
+  const auto f_addr = reinterpret_cast<uintptr_t>(f);
+  const auto head = static_cast<int64_t>(((kPackBytes - s_addr % kPackBytes) % kPackBytes) / sizeof(S));
+  const bool f_aligned = (f_addr + head * sizeof(F)) % (P * sizeof(F)) == 0;
+  if (!f_aligned || head >= n) return {n, n, 0};
+  return {n, head, (n - head) / P};
+}
+
+template <typename S, typename F>
+bool element_aligned(const S* state, const F* f) {
+  return reinterpret_cast<uintptr_t>(state) % sizeof(S) == 0 && reinterpret_cast<uintptr_t>(f) % sizeof(F) == 0;
+}
+
+// Index of the j-th element that is not part of a pack: the head, then the tail after the packs.
+template <int P>
+__host__ __device__ __forceinline__ int64_t scalar_index(const Span& span, int64_t j) {
+  return j < span.head ? j : j + span.packs * P;
+}
+
+template <int P>
+__host__ __device__ __forceinline__ int64_t scalar_count(const Span& span) {
+  return span.n - span.packs * P;
+}
+
+template <typename T>
+__device__ __forceinline__ T warp_sum(T v) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset /= 2) v += __shfl_down_sync(0xffffffffu, v, offset);
+  return v;
+}
+
+// Sums a and b over the block in a fixed tree (the same order on every run); the sums are valid
+// in thread 0. Every thread of the block must call it.
+template <typename T>
+__device__ __forceinline__ void block_sum2(T& a, T& b) {
+  __shared__ T partial[2][kWarps];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  a = warp_sum(a);
+  b = warp_sum(b);
+  if (lane == 0) {
+    partial[0][warp] = a;
+    partial[1][warp] = b;
+  }
+  __syncthreads();
+  if (warp == 0) {
+    a = warp_sum(lane < kWarps ? partial[0][lane] : T(0));
+    b = warp_sum(lane < kWarps ? partial[1][lane] : T(0));
+  }
+}
+
+// A positive per-device value, computed by query(device, &value) once per device and cached in
+// `cache` (one slot per device index; a race only computes the same value twice).
+constexpr int kMaxDevices = 64;
+
+template <typename Query>
+cudaError_t cached_per_device(std::atomic<int> (&cache)[kMaxDevices], Query&& query, int* value) {
+  int device = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err != cudaSuccess) return err;
+  const bool cacheable = device < kMaxDevices;
+  if (cacheable && (*value = cache[device].load(std::memory_order_relaxed)) > 0) return cudaSuccess;
+  if ((err = query(device, value)) != cudaSuccess) return err;
+  if (cacheable) cache[device].store(*value, std::memory_order_relaxed);
+  return cudaSuccess;
+}
+
+// The most blocks of kThreads the current device holds at once (SMs times threads per SM); a bound
+// on every grid below, used to size scratch memory.
+inline cudaError_t device_block_limit(int* blocks) {
+  static std::atomic<int> cache[kMaxDevices];
+  return cached_per_device(cache, [](int device, int* out) {
+    int sms = 0, threads_per_sm = 0;
+    cudaError_t err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+    if (err == cudaSuccess) {
+      err = cudaDeviceGetAttribute(&threads_per_sm, cudaDevAttrMaxThreadsPerMultiProcessor, device);
+    }
+    *out = sms * (threads_per_sm >= kThreads ? threads_per_sm / kThreads : 1);
+    return err;
+  }, blocks);
+}
+
+// Blocks of Kernel (kThreads each, no dynamic shared memory) resident at once on the current device,
+// given the registers ptxas chose: the grid-stride kernels launch at most this many, one full wave.
+template <auto Kernel>
+cudaError_t resident_blocks(int* blocks) {
+  static std::atomic<int> cache[kMaxDevices];
+  return cached_per_device(cache, [](int device, int* out) {
+    int sms = 0, per_sm = 0;
+    cudaError_t err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+    if (err == cudaSuccess) err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, Kernel, kThreads, 0);
+    *out = sms * (per_sm > 1 ? per_sm : 1);
+    return err;
+  }, blocks);
+}
+
+// Grid for a span of state type S: enough threads for one step over the packs (kUnroll each) or
+// the scalar elements (kScalarGroup each), capped at what is resident; the kernels stride over the rest.
+template <typename S>
+int grid_for(const Span& span, int max_blocks) {
+  constexpr int P = kPackElems<S>, G = kScalarGroup<S>;
+  const int64_t vector_work = (span.packs + kUnroll - 1) / kUnroll;
+  const int64_t scalar_work = (span.n - span.packs * P + G - 1) / G;
+  const int64_t work = vector_work > scalar_work ? vector_work : scalar_work;
+  const int64_t blocks = (work + kThreads - 1) / kThreads;
+  return static_cast<int>(blocks < 1 ? 1 : (blocks < max_blocks ? blocks : max_blocks));
+}
+
+}  // namespace revdeq::cuda

@@ -1,0 +1,95 @@
+// The thin launcher of the CUDA kernels: checks arguments, flattens the tensors, selects the device
+// and the current stream, and registers relax_, unrelax_ and residual for the CUDA dispatch key.
+// The kernels themselves (pointwise.cu, residual.cu) never see a tensor.
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <cstdint>
+
+#include "checks.h"
+#include "layout.h"
+#include "revdeq_cuda.h"
+
+namespace revdeq {
+namespace {
+
+cuda::DType kernel_dtype(const at::Tensor& t, const char* op, const char* arg) {
+  switch (t.scalar_type()) {
+    case at::kDouble: return cuda::DType::kFloat64;
+    case at::kFloat: return cuda::DType::kFloat32;
+    case at::kHalf: return cuda::DType::kFloat16;
+    case at::kBFloat16: return cuda::DType::kBFloat16;
+    default:
+      TORCH_CHECK_TYPE(false, op, ": ", arg, " must be float64, float32, float16 or bfloat16, got ",
+                       t.scalar_type());
+  }
+}
+
+// Tensors from torch's allocator always are; one built with from_blob on an odd address is not,
+// and the kernels' element accesses would fault on it.
+void check_element_aligned(const at::Tensor& t, const char* op, const char* arg) {
+  const auto address = reinterpret_cast<uintptr_t>(t.data_ptr());
+  TORCH_CHECK_VALUE(address % t.element_size() == 0, op, ": ", arg, " has data pointer ", t.data_ptr(),
+                    ", which is not aligned to its element size of ", t.element_size(), " bytes");
+}
+
+void check_cuda(cudaError_t err, const char* op) {
+  TORCH_CHECK(err == cudaSuccess, op, ": CUDA kernel failed: ", cudaGetErrorName(err), " (",
+              cudaGetErrorString(err), ")");
+}
+
+void affine_update_cuda(const char* op, const at::Tensor& state, const at::Tensor& f_val, double beta,
+                        bool inverse) {
+  check_pointwise(op, state, f_val, beta, c10::DeviceType::CUDA);
+  if (state.numel() == 0) return;
+  const c10::cuda::CUDAGuard guard(state.device());
+  const auto [a, b] = update_coefficients(beta, inverse);
+  with_flat_layout(state, f_val, /*write_back=*/true, [&](const at::Tensor& s, const at::Tensor& f) {
+    check_element_aligned(s, op, "state");
+    check_element_aligned(f, op, "f_val");
+    check_cuda(cuda::affine_update(s.data_ptr(), kernel_dtype(s, op, "state"), f.data_ptr(),
+                                   kernel_dtype(f, op, "f_val"), s.numel(), a, b,
+                                   c10::cuda::getCurrentCUDAStream().stream()),
+               op);
+  });
+}
+
+void relax_cuda(const at::Tensor& state, const at::Tensor& f_val, double beta) {
+  affine_update_cuda("relax_", state, f_val, beta, /*inverse=*/false);
+}
+
+void unrelax_cuda(const at::Tensor& state, const at::Tensor& f_val, double beta) {
+  affine_update_cuda("unrelax_", state, f_val, beta, /*inverse=*/true);
+}
+
+at::Tensor residual_cuda(const at::Tensor& z, const at::Tensor& fz) {
+  check_residual(z, fz, c10::DeviceType::CUDA);
+  const c10::cuda::CUDAGuard guard(z.device());
+  at::Tensor out = at::empty({2}, z.options().dtype(residual_dtype(z)));
+  if (z.numel() == 0) return out.zero_();
+  size_t workspace_bytes = 0;
+  check_cuda(cuda::residual_workspace_bytes(&workspace_bytes), "residual");
+  // From the caching allocator on the current stream: freeing it when this function returns is safe,
+  // the allocator hands the memory out again only after the kernel in that stream's order.
+  at::Tensor workspace = at::empty({static_cast<int64_t>(workspace_bytes)}, z.options().dtype(at::kByte));
+  with_flat_layout(z, fz, /*write_back=*/false, [&](const at::Tensor& zf, const at::Tensor& ff) {
+    check_element_aligned(zf, "residual", "z");
+    check_element_aligned(ff, "residual", "fz");
+    check_cuda(cuda::residual(zf.data_ptr(), kernel_dtype(zf, "residual", "z"), ff.data_ptr(),
+                              kernel_dtype(ff, "residual", "fz"), zf.numel(), out.data_ptr(), workspace.data_ptr(),
+                              workspace_bytes, c10::cuda::getCurrentCUDAStream().stream()),
+               "residual");
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(revdeq, CUDA, m) {
+  m.impl("relax_", &relax_cuda);
+  m.impl("unrelax_", &unrelax_cuda);
+  m.impl("residual", &residual_cuda);
+}
+
+}  // namespace revdeq

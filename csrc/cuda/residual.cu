@@ -1,0 +1,156 @@
+// residual on CUDA: [sum((z - f)^2), sum(f^2)] in one pass and one kernel launch.
+//
+// Each block sums a grid-stride share of the elements (per-lane accumulators, then a fixed warp and
+// block tree) into one partial per block. Blocks then take a ticket; the block that takes the last
+// one sums all partials in block order in double and writes the result. Every step has a fixed
+// order for a given grid, so the result is the same on every run, and nothing waits on the host.
+#include "common.cuh"
+
+namespace revdeq::cuda {
+namespace {
+
+// The ticket counter sits in front of the partials, padded so the partials stay 16-byte aligned.
+constexpr size_t kTicketBytes = 16;
+
+template <typename Z>
+using out_t = std::conditional_t<std::is_same_v<Z, double>, double, float>;
+
+template <typename Z, typename F>
+__global__ void __launch_bounds__(kThreads)
+    residual_kernel(const Z* __restrict__ z, const F* __restrict__ f, Span span, acc_t<Z>* __restrict__ partials,
+                    unsigned int* __restrict__ ticket, out_t<Z>* __restrict__ out) {
+  using A = acc_t<Z>;
+  constexpr int P = kPackElems<Z>;
+  const int64_t tid = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
+  const Z* const z_packs = z + span.head;
+  const F* const f_packs = f + span.head;
+
+  // One accumulator per pack lane: independent dependency chains, and each float sum is P times
+  // shorter, which keeps its rounding error down.
+  A diff_sq[P], f_sq[P];
+#pragma unroll
+  for (int k = 0; k < P; ++k) diff_sq[k] = f_sq[k] = A(0);
+
+  for (int64_t p = tid; p < span.packs; p += kUnroll * stride) {
+    Pack<Z, P> zv[kUnroll];
+    Pack<F, P> fv[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t q = p + u * stride;
+      if (q < span.packs) {
+        zv[u] = load_pack<P>(z_packs + q * P);
+        fv[u] = load_pack<P>(f_packs + q * P);
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      if (p + u * stride < span.packs) {
+#pragma unroll
+        for (int k = 0; k < P; ++k) {
+          const A fk = widen<A>(fv[u].v[k]);
+          const A dk = widen<A>(zv[u].v[k]) - fk;
+          diff_sq[k] = fused_mul_add(dk, dk, diff_sq[k]);
+          f_sq[k] = fused_mul_add(fk, fk, f_sq[k]);
+        }
+      }
+    }
+  }
+
+  // The scalar elements, G per thread and step into the first G lanes (all of them when no pack is
+  // aligned).
+  constexpr int G = kScalarGroup<Z>;
+  const int64_t scalars = scalar_count<P>(span);
+  for (int64_t j = tid; j < scalars; j += G * stride) {
+#pragma unroll
+    for (int k = 0; k < G; ++k) {
+      const int64_t jk = j + k * stride;
+      if (jk < scalars) {
+        const int64_t i = scalar_index<P>(span, jk);
+        const A fi = widen<A>(f[i]);
+        const A di = widen<A>(z[i]) - fi;
+        diff_sq[k] = fused_mul_add(di, di, diff_sq[k]);
+        f_sq[k] = fused_mul_add(fi, fi, f_sq[k]);
+      }
+    }
+  }
+
+#pragma unroll
+  for (int width = P / 2; width > 0; width /= 2) {
+#pragma unroll
+    for (int k = 0; k < width; ++k) {
+      diff_sq[k] += diff_sq[k + width];
+      f_sq[k] += f_sq[k + width];
+    }
+  }
+  A block_diff_sq = diff_sq[0], block_f_sq = f_sq[0];
+  block_sum2(block_diff_sq, block_f_sq);
+
+  __shared__ bool last_block;
+  if (threadIdx.x == 0) {
+    partials[blockIdx.x] = block_diff_sq;
+    partials[gridDim.x + blockIdx.x] = block_f_sq;
+    __threadfence();  // the partial is visible device-wide before the ticket says it is there
+    last_block = atomicAdd(ticket, 1u) == gridDim.x - 1;
+  }
+  __syncthreads();
+  if (!last_block) return;
+
+  __threadfence();
+  double total_diff_sq = 0.0, total_f_sq = 0.0;
+  for (unsigned int blk = threadIdx.x; blk < gridDim.x; blk += kThreads) {
+    // __ldcg reads L2, where the other blocks' partials are, never a stale L1 line.
+    total_diff_sq += static_cast<double>(__ldcg(partials + blk));
+    total_f_sq += static_cast<double>(__ldcg(partials + gridDim.x + blk));
+  }
+  block_sum2(total_diff_sq, total_f_sq);
+  if (threadIdx.x == 0) {
+    out[0] = static_cast<out_t<Z>>(total_diff_sq);
+    out[1] = static_cast<out_t<Z>>(total_f_sq);
+  }
+}
+
+}  // namespace
+
+cudaError_t residual_workspace_bytes(size_t* bytes) {
+  int max_blocks = 0;
+  const cudaError_t err = device_block_limit(&max_blocks);
+  if (err != cudaSuccess) return err;
+  *bytes = kTicketBytes + 2 * static_cast<size_t>(max_blocks) * sizeof(double);
+  return cudaSuccess;
+}
+
+cudaError_t residual(const void* z, DType z_dtype, const void* f, DType f_dtype, int64_t n, void* out,
+                     void* workspace, size_t workspace_bytes, cudaStream_t stream) {
+  if (n < 0 || reinterpret_cast<uintptr_t>(workspace) % kTicketBytes != 0) return cudaErrorInvalidValue;
+  size_t needed = 0;
+  const cudaError_t err = residual_workspace_bytes(&needed);
+  if (err != cudaSuccess) return err;
+  if (workspace_bytes < needed) return cudaErrorInvalidValue;
+  return dispatch_pair(z_dtype, f_dtype, [&](auto z_tag, auto f_tag) {
+    using Z = typename decltype(z_tag)::type;
+    using F = typename decltype(f_tag)::type;
+    using A = acc_t<Z>;
+    const auto* z_ptr = static_cast<const Z*>(z);
+    const auto* f_ptr = static_cast<const F*>(f);
+    auto* out_ptr = static_cast<out_t<Z>*>(out);
+    if (n == 0) return cudaMemsetAsync(out_ptr, 0, 2 * sizeof(out_t<Z>), stream);
+    if (!element_aligned(z_ptr, f_ptr)) return cudaErrorMisalignedAddress;
+    int max_blocks = 0;
+    cudaError_t launch_err = resident_blocks<residual_kernel<Z, F>>(&max_blocks);
+    if (launch_err != cudaSuccess) return launch_err;
+    const Span span = plan_span(z_ptr, f_ptr, n);
+    const int grid = grid_for<Z>(span, max_blocks);
+    auto* ticket = static_cast<unsigned int*>(workspace);
+    auto* partials = reinterpret_cast<A*>(static_cast<char*>(workspace) + kTicketBytes);
+    // The ticket must start at zero. Resetting it here (4 bytes, stream-ordered) instead of keeping
+    // a self-resetting counter in persistent memory stays correct when residual runs concurrently
+    // on several streams or inside CUDA graphs replayed on other streams.
+    launch_err = cudaMemsetAsync(ticket, 0, sizeof(unsigned int), stream);
+    if (launch_err != cudaSuccess) return launch_err;
+    residual_kernel<Z, F><<<grid, kThreads, 0, stream>>>(z_ptr, f_ptr, span, partials, ticket, out_ptr);
+    return cudaGetLastError();
+  });
+}
+
+}  // namespace revdeq::cuda

@@ -1,0 +1,37 @@
+// The CUDA kernels' host-side interface: raw pointers, element counts, a dtype enum and a stream.
+// No torch here, so nvcc alone compiles the kernels (tools/cuda_check.py); csrc/cuda/ops_cuda.cpp
+// maps tensors onto these calls. Every function enqueues work on `stream` and never synchronizes.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstddef>
+#include <cstdint>
+
+namespace revdeq::cuda {
+
+enum class DType : int { kFloat64, kFloat32, kFloat16, kBFloat16 };
+
+// Supported (state, f) pairs: equal dtypes, float64 state with any f, float32 state with a half f.
+// Other pairs return cudaErrorInvalidValue.
+
+// state[i] = a * state[i] + b * f[i] for 0 <= i < n, in double for float64 states and in float
+// otherwise, rounded once to the state dtype. state and f are dense arrays of n elements, each
+// aligned to its element size (16-byte vector accesses are used where both pointers allow them).
+// relax_ is (a, b) = (1 - beta, beta); unrelax_ is (1 / (1 - beta), -beta / (1 - beta)).
+cudaError_t affine_update(void* state, DType state_dtype, const void* f, DType f_dtype, int64_t n, double a,
+                          double b, cudaStream_t stream);
+
+// Bytes of scratch memory `residual` needs on the current device (per-block partial sums and a
+// ticket counter); the same for every n.
+cudaError_t residual_workspace_bytes(size_t* bytes);
+
+// out[0] = sum((z - f)^2), out[1] = sum(f^2) over n elements, in one kernel launch whose result is
+// the same on every run on a given device. out points to 2 doubles for float64 z and to 2 floats
+// otherwise; the accumulation is double for float64 z and float (per block) then double (across
+// blocks) otherwise. workspace must hold residual_workspace_bytes() bytes on the same device and
+// must not be used by another call until this one has finished on `stream`.
+cudaError_t residual(const void* z, DType z_dtype, const void* f, DType f_dtype, int64_t n, void* out,
+                     void* workspace, size_t workspace_bytes, cudaStream_t stream);
+
+}  // namespace revdeq::cuda

@@ -1,0 +1,251 @@
+"""Compile-time checks of the CUDA backend that need nvcc but no GPU, so CI runs them on every push.
+
+- tools/cuda_check.py: every kernel compiles for sm_80 and sm_90 without spilling to local memory.
+- The launcher csrc/cuda/ops_cuda.cpp compiles against the torch and CUDA headers (g++ -fsyntax-only).
+- The host-side split of n elements into a scalar head, 16-byte packs and a scalar tail (common.cuh)
+  covers every element once with aligned packs, for every dtype pair and offset (a host program).
+"""
+
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ARCHS = ("sm_80", "sm_90")
+KERNELS = ("affine_update_kernel", "residual_kernel")
+# The (state, f) template arguments every kernel is instantiated for: tests/op_cases.py DTYPE_PAIRS.
+PAIRS = ("double, double", "double, float", "double, __half", "double, __nv_bfloat16", "float, float",
+         "float, __half", "float, __nv_bfloat16", "__half, __half", "__nv_bfloat16, __nv_bfloat16")
+
+
+def _load_cuda_check():
+    spec = importlib.util.spec_from_file_location("cuda_check", os.path.join(ROOT, "tools", "cuda_check.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+cuda_check = _load_cuda_check()
+NVCC = cuda_check.find_nvcc()
+pytestmark = pytest.mark.skipif(NVCC is None, reason="nvcc not found (PATH, CUDA_HOME, /usr/local/cuda): "
+                                "the CUDA kernels cannot be compiled on this machine")
+
+
+def _cuda_include_dir():
+    """The toolkit's include directory (nvcc on PATH may be a wrapper script outside the toolkit)."""
+    homes = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"),
+             os.path.dirname(os.path.dirname(os.path.realpath(NVCC))), "/usr/local/cuda"]
+    for home in filter(None, homes):
+        if os.path.isfile(os.path.join(home, "include", "cuda_runtime.h")):
+            return os.path.join(home, "include")
+    return None
+
+
+def _syntax_check_launcher():
+    """g++ -fsyntax-only on ops_cuda.cpp with the flags the extension build gives it."""
+    import torch.utils.cpp_extension as cpp_extension
+
+    cxx = shutil.which("g++") or shutil.which("c++")
+    if cxx is None:
+        return None, "no C++ compiler"
+    if _cuda_include_dir() is None:
+        return None, "cuda_runtime.h not found (set CUDA_HOME)"
+    # The CPU wheel ships the c10/cuda headers but not their generated cuda_cmake_macros.h, which
+    # only sets Windows export macros; C10_CUDA_NO_CMAKE_CONFIGURE_FILE skips it.
+    cmd = [cxx, "-std=c++20", "-fsyntax-only", "-Wall", "-Wextra", "-Werror", "-DREVDEQ_WITH_CUDA",
+           "-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE", f"-I{os.path.join(ROOT, 'csrc')}"]
+    for include in [*cpp_extension.include_paths(), sysconfig.get_paths()["include"], _cuda_include_dir()]:
+        cmd += ["-isystem", include]
+    cmd.append(os.path.join(ROOT, "csrc", "cuda", "ops_cuda.cpp"))
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    return proc.returncode, f"$ {' '.join(cmd)}\n{proc.stdout}{proc.stderr}"
+
+
+SPAN_CHECK = r"""
+// Host-side check of plan_span / scalar_index / grid_for / dispatch_pair from csrc/cuda/common.cuh,
+// on fake addresses (nothing is dereferenced and no CUDA call is made).
+#include <cstdio>
+#include <vector>
+
+#include "cuda/common.cuh"
+
+using namespace revdeq::cuda;
+static int failures = 0;
+#define EXPECT(cond, ...) \
+  do { \
+    if (!(cond) && ++failures <= 20) { std::printf(__VA_ARGS__); std::printf("\n"); } \
+  } while (0)
+
+template <typename S, typename F>
+void check_pair(const char* name) {
+  constexpr int P = kPackElems<S>;
+  const int64_t sizes[] = {1, 2, 3, P - 1, P, P + 1, 2 * P + 3, 97, 1023, 4096};
+  for (int s_off = 0; s_off < 2 * P; ++s_off) {
+    for (int f_off = 0; f_off < 2 * P; ++f_off) {
+      const S* s = reinterpret_cast<const S*>(uintptr_t(1) << 20) + s_off;
+      const F* f = reinterpret_cast<const F*>(uintptr_t(1) << 24) + f_off;
+      for (int64_t n : sizes) {
+        if (n < 1) continue;
+        const Span sp = plan_span(s, f, n);
+        EXPECT(sp.n == n && sp.head >= 0 && sp.packs >= 0 && sp.head + sp.packs * P <= n,
+               "%s off %d/%d n %lld: bad span head %lld packs %lld", name, s_off, f_off, (long long)n,
+               (long long)sp.head, (long long)sp.packs);
+        if (sp.packs > 0) {
+          EXPECT(reinterpret_cast<uintptr_t>(s + sp.head) % 16 == 0 &&
+                 reinterpret_cast<uintptr_t>(f + sp.head) % (P * sizeof(F)) == 0,
+                 "%s off %d/%d n %lld: packs not aligned", name, s_off, f_off, (long long)n);
+        }
+        // Equal element offsets (x[1:] for both) can always be aligned by a head: they must vectorize.
+        if (s_off == f_off && n >= 2 * P) {
+          EXPECT(sp.packs > 0, "%s off %d n %lld: equal offsets did not vectorize", name, s_off, (long long)n);
+        }
+        std::vector<int> seen(n, 0);
+        for (int64_t q = 0; q < sp.packs; ++q)
+          for (int k = 0; k < P; ++k) ++seen[sp.head + q * P + k];
+        for (int64_t j = 0; j < scalar_count<P>(sp); ++j) {
+          const int64_t i = scalar_index<P>(sp, j);
+          EXPECT(i >= 0 && i < n, "%s off %d/%d n %lld: scalar index %lld out of range", name, s_off, f_off,
+                 (long long)n, (long long)i);
+          if (i >= 0 && i < n) ++seen[i];
+        }
+        for (int64_t i = 0; i < n; ++i)
+          EXPECT(seen[i] == 1, "%s off %d/%d n %lld: element %lld visited %d times", name, s_off, f_off,
+                 (long long)n, (long long)i, seen[i]);
+        const int grid = grid_for<S>(sp, 1056);
+        EXPECT(grid >= 1 && grid <= 1056, "%s: grid %d", name, grid);
+      }
+    }
+  }
+  // More than 2^31 elements: 64-bit arithmetic throughout, at most 2P - 2 scalar elements.
+  for (int64_t n : {(int64_t(1) << 31) + 5, (int64_t(1) << 40) + 3}) {
+    const S* s = reinterpret_cast<const S*>(uintptr_t(1) << 20) + 1;
+    const F* f = reinterpret_cast<const F*>(uintptr_t(1) << 24) + 1;
+    const Span sp = plan_span(s, f, n);
+    const int64_t tail = n - sp.head - sp.packs * P;
+    EXPECT(tail >= 0 && scalar_count<P>(sp) <= 2 * P - 2 &&
+           scalar_index<P>(sp, scalar_count<P>(sp) - 1) == (tail > 0 ? n - 1 : sp.head - 1),
+           "%s n %lld: big span head %lld packs %lld", name, (long long)n, (long long)sp.head, (long long)sp.packs);
+    EXPECT(grid_for<S>(sp, 1056) == 1056, "%s: big n must use every resident block", name);
+  }
+}
+
+int main() {
+  check_pair<double, double>("double/double");
+  check_pair<double, float>("double/float");
+  check_pair<double, __half>("double/half");
+  check_pair<double, __nv_bfloat16>("double/bf16");
+  check_pair<float, float>("float/float");
+  check_pair<float, __half>("float/half");
+  check_pair<float, __nv_bfloat16>("float/bf16");
+  check_pair<__half, __half>("half/half");
+  check_pair<__nv_bfloat16, __nv_bfloat16>("bf16/bf16");
+  // dispatch_pair: exactly the nine supported pairs, each to the types of its enum values.
+  const DType all[] = {DType::kFloat64, DType::kFloat32, DType::kFloat16, DType::kBFloat16};
+  const int bytes[] = {8, 4, 2, 2};
+  int supported = 0;
+  for (int si = 0; si < 4; ++si) {
+    for (int fi = 0; fi < 4; ++fi) {
+      int s_size = 0, f_size = 0;
+      const cudaError_t err = dispatch_pair(all[si], all[fi], [&](auto s_tag, auto f_tag) {
+        s_size = sizeof(typename decltype(s_tag)::type);
+        f_size = sizeof(typename decltype(f_tag)::type);
+        return cudaSuccess;
+      });
+      const bool want = si == fi || si == 0 || (si == 1 && fi >= 2);
+      EXPECT((err == cudaSuccess) == want, "dispatch_pair(%d, %d) returned %d", si, fi, int(err));
+      if (err == cudaSuccess) {
+        ++supported;
+        EXPECT(s_size == bytes[si] && f_size == bytes[fi], "dispatch_pair(%d, %d) gave sizes %d, %d", si, fi,
+               s_size, f_size);
+      }
+    }
+  }
+  EXPECT(supported == 9, "dispatch_pair supports %d pairs, expected 9", supported);
+  if (failures == 0) std::printf("span check OK\n");
+  return failures == 0 ? 0 : 1;
+}
+"""
+
+
+def _run_span_check(workdir):
+    source = os.path.join(workdir, "span_check.cu")
+    binary = os.path.join(workdir, "span_check")
+    with open(source, "w") as fh:
+        fh.write(SPAN_CHECK)
+    cmd = [NVCC, "-std=c++17", "-O1", f"-I{os.path.join(ROOT, 'csrc')}", source, "-o", binary]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        return proc.returncode, f"$ {' '.join(cmd)}\n{proc.stdout}{proc.stderr}"
+    run = subprocess.run([binary], capture_output=True, text=True)
+    return run.returncode, run.stdout + run.stderr
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory):
+    """All three compiles at once: they are independent and each is mostly one process."""
+    workdir = str(tmp_path_factory.mktemp("cuda_build"))
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        report = pool.submit(cuda_check.check, "8.0;9.0", NVCC)
+        launcher = pool.submit(_syntax_check_launcher)
+        span = pool.submit(_run_span_check, workdir)
+        return {"report": report.result(), "launcher": launcher.result(), "span": span.result()}
+
+
+def test_every_kernel_compiles_for_sm80_and_sm90_without_spills(compiled):
+    report = compiled["report"]
+    table = cuda_check.format_report(report)
+    assert not report.errors, table
+    found = {(k.arch, k.name) for k in report.kernels}
+    missing = [(arch, f"{kernel}<{pair}>") for arch in ARCHS for kernel in KERNELS for pair in PAIRS
+               if (arch, f"{kernel}<{pair}>") not in found]
+    assert not missing, f"kernels not found in the ptxas output: {missing}\n{table}"
+    assert len(report.kernels) == len(ARCHS) * len(KERNELS) * len(PAIRS), table
+    spilled = [f"{k.arch} {k.name}" for k in report.kernels if k.uses_local_memory]
+    assert not spilled, f"kernels using local memory: {spilled}\n{table}"
+    assert all(0 < k.registers <= 64 for k in report.kernels), table
+    assert report.ok
+
+
+def test_launcher_compiles_against_torch_and_cuda_headers(compiled):
+    rc, output = compiled["launcher"]
+    if rc is None:
+        pytest.skip(f"cannot syntax-check the launcher: {output}")
+    assert rc == 0, output
+
+
+def test_span_plan_covers_every_element_once_with_aligned_packs(compiled):
+    rc, output = compiled["span"]
+    assert rc == 0 and "span check OK" in output, output
+
+
+def test_cuda_check_fails_on_a_spill(tmp_path):
+    # The check must be able to fail: a kernel that needs far more registers than it may use spills.
+    source = tmp_path / "spill.cu"
+    source.write_text(
+        "__global__ void __launch_bounds__(1024, 2) heavy(float* out, const float* in, int n) {\n"
+        "  float acc[96];\n"
+        "#pragma unroll\n"
+        "  for (int k = 0; k < 96; ++k) acc[k] = in[(threadIdx.x * 97 + k) % n];\n"
+        "  float s = 0.f;\n"
+        "#pragma unroll\n"
+        "  for (int r = 0; r < 8; ++r)\n"
+        "#pragma unroll\n"
+        "    for (int k = 0; k < 96; ++k) s += acc[k] * acc[(k * 7 + r) % 96];\n"
+        "  out[threadIdx.x] = s;\n"
+        "}\n")
+    report = cuda_check.check("9.0", NVCC, [str(source)])
+    assert not report.errors, report.errors
+    assert [k.name for k in report.kernels] == ["heavy"]
+    assert not report.ok and report.kernels[0].uses_local_memory, cuda_check.format_report(report)
+
+
+def test_cuda_check_cli_exit_status():
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "cuda_check.py"), "--archs", "banana"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and "compute capabilities like '8.0;9.0'" in proc.stderr, proc.stderr
