@@ -135,11 +135,10 @@ def test_residual_with_gpu_block_and_many_tiles_per_program(pair):
     assert rel <= (1e-12 if pair[0] == torch.float64 else 1e-5), f"relative error {rel:.3e}"
 
 
-def test_autotuning_applies_an_in_place_update_once(monkeypatch):
+def test_autotuning_applies_an_in_place_update_once():
     # Benchmarking runs each config several times; restore_value must undo those runs so the first
     # call on a new size updates the state exactly once. The same launch without restore_value is
     # the negative control: it shows this test can fail.
-    monkeypatch.setattr(kernels, "TUNE_MIN_ELEMENTS", 0)  # tune even this small size
     configs = [triton.Config({"BLOCK": b}, num_warps=4) for b in (128, 256, 512)]
     benchmarked = []
 
@@ -235,16 +234,19 @@ def test_without_the_interpreter_cpu_is_refused_and_ops_trace_into_kernels():
         def step(state, f):
             torch.ops.revdeq.triton_relax_(state, f, 0.8)
             return torch.ops.revdeq.triton_residual(state, f)
-        with FakeTensorMode():
-            state = torch.empty(5000, device="cuda")
-            f = torch.empty(5000, device="cuda", dtype=torch.bfloat16)
-            graph = make_fx(dispatch_functionalize(step), tracing_mode="fake")(state, f).graph
-        for node in graph.nodes:
-            if node.op == "call_function":
-                kernel = (kernel_side_table.get_kernel(node.kwargs["kernel_idx"])
-                          if "kernel_idx" in node.kwargs else None)
-                name = getattr(kernel, "base_fn", getattr(kernel, "fn", None))
-                print("NODE", node.target, getattr(name, "__name__", ""))
+        for n in (5000, tb.kernels.TUNE_MIN_ELEMENTS + 5):  # one config; all configs, benchmarked
+            with FakeTensorMode():
+                state = torch.empty(n, device="cuda")
+                f = torch.empty(n, device="cuda", dtype=torch.bfloat16)
+                graph = make_fx(dispatch_functionalize(step), tracing_mode="fake")(state, f).graph
+            for node in graph.nodes:
+                if node.op == "call_function":
+                    kernel = (kernel_side_table.get_kernel(node.kwargs["kernel_idx"])
+                              if "kernel_idx" in node.kwargs else None)
+                    name = getattr(getattr(kernel, "base_fn", getattr(kernel, "fn", None)), "__name__", "-")
+                    configs = len(getattr(kernel, "configs", []))
+                    restore = ",".join(getattr(kernel, "restore_value", [])) or "-"
+                    print("NODE", n, node.target, name, configs, restore)
     """
     out = _run_python(code, _env_without_interpreter())
     assert out.returncode == 0, out.stderr[-3000:]
@@ -252,9 +254,14 @@ def test_without_the_interpreter_cpu_is_refused_and_ops_trace_into_kernels():
     reason = next(line for line in lines if line.startswith("REASON"))
     assert "interpreter" in reason and "TRITON_INTERPRET=1" in reason, reason
     nodes = [line for line in lines if line.startswith("NODE")]
-    launched = [n.split()[-1] for n in nodes if "triton_kernel_wrapper" in n]
-    assert launched == ["affine_kernel", "residual_partials_kernel", "residual_finish_kernel"], nodes
     assert not any("revdeq" in n for n in nodes), f"an op stayed opaque: {nodes}"
+    launched = [n.split()[3:] for n in nodes if "triton_kernel_wrapper" in n]
+    names = [entry[0] for entry in launched]
+    assert names == ["affine_kernel", "residual_partials_kernel", "residual_finish_kernel"] * 2, nodes
+    # What inductor will benchmark: the small size has one config; the large one has all of them, and
+    # the state must still be restored between benchmark runs.
+    assert launched[0][1:] == ["1", "state_ptr"], nodes
+    assert launched[3][1:] == [str(len(kernels.POINTWISE_CONFIGS)), "state_ptr"], nodes
 
 
 def test_kernels_compile_for_sm90_with_16_byte_accesses():
@@ -374,6 +381,25 @@ def test_gpu_first_call_on_a_new_size_is_right(pair):
 @pytest.mark.gpu
 def test_gpu_torch_compile_fullgraph_inductor():
     _compile_and_check("inductor")
+
+
+@pytest.mark.gpu
+def test_gpu_torch_compile_inductor_autotunes_in_place_correctly():
+    # Above TUNE_MIN_ELEMENTS inductor benchmarks the pointwise configs itself on first run; it must
+    # restore the state between runs as Triton's autotuner does.
+    torch._dynamo.reset()
+
+    @torch.compile(fullgraph=True)
+    def step(y, fz):
+        rk.unrelax_(y, fz, 0.8, backend="triton")
+        return rk.residual(y, fz, backend="triton")
+
+    y, fz, _ = make_pair((1 << 22) + 77, torch.float32, torch.bfloat16, "cuda", seed=9)
+    want = expected_pointwise("unrelax_", y, fz, 0.8)
+    out = step(y, fz)
+    assert_close(y, want, torch.float32, amplification=20, what="inductor unrelax_")
+    rel = ((out.double() - expected_residual(y, fz)).abs() / expected_residual(y, fz)).max().item()
+    assert rel <= 1e-5, f"inductor residual relative error {rel:.3e}"
 
 
 @pytest.mark.gpu

@@ -13,23 +13,17 @@ import triton
 import triton.language as tl
 
 # Pointwise configs for GPUs: 8 to 32 elements per thread, i.e. several 16-byte accesses per tensor
-# in flight. Below TUNE_MIN_ELEMENTS a launch takes a few microseconds whatever the block, so the
-# first (smallest) config is used without benchmarking.
+# in flight. Below TUNE_MIN_ELEMENTS a launch takes a few microseconds whatever the config, so
+# backends/triton.py launches the first (smallest) one there without benchmarking.
 POINTWISE_CONFIGS = [
     triton.Config({"BLOCK": 1024}, num_warps=4),
     triton.Config({"BLOCK": 2048}, num_warps=4),
     triton.Config({"BLOCK": 4096}, num_warps=8),
     triton.Config({"BLOCK": 8192}, num_warps=8),
 ]
+TUNE_MIN_ELEMENTS = 1 << 20
 # The interpreter runs one program at a time in numpy: one config, nothing to benchmark.
 INTERPRETER_POINTWISE_CONFIGS = [triton.Config({"BLOCK": 1024}, num_warps=4)]
-TUNE_MIN_ELEMENTS = 1 << 20
-
-
-def _prune_small_sizes(configs, named_args, **kwargs):
-    if named_args["n"] < TUNE_MIN_ELEMENTS:
-        return configs[:1]
-    return configs
 
 
 @triton.jit(do_not_specialize=["a_bits", "b_bits"])
@@ -62,11 +56,11 @@ def autotuned_affine(configs, do_bench=None):
     """affine_kernel behind triton.autotune, keyed by n (and, by Triton, by the pointer dtypes).
 
     Benchmarking a config runs the kernel many times; restore_value puts the state back after each
-    run, so the first call on a new size still applies the update exactly once.
+    run, so the first call on a new size still applies the update exactly once. (No
+    prune_configs_by: torch.compile re-wraps a pruned autotuner without its restore_value.)
     """
     extra = {} if do_bench is None else {"do_bench": do_bench}
-    return triton.autotune(configs, key=["n"], restore_value=["state_ptr"],
-                           prune_configs_by={"early_config_prune": _prune_small_sizes}, **extra)(affine_kernel)
+    return triton.autotune(configs, key=["n"], restore_value=["state_ptr"], **extra)(affine_kernel)
 
 
 # residual is not autotuned: its rounding depends on the block and warp layout, and a config picked

@@ -137,8 +137,11 @@ def _coefficients(beta: float, inverse: bool) -> tuple:
 
 
 if kernels is not None:
-    _AFFINE = kernels.autotuned_affine(
-        kernels.INTERPRETER_POINTWISE_CONFIGS if INTERPRETED else kernels.POINTWISE_CONFIGS)
+    if INTERPRETED:
+        _AFFINE_LARGE = _AFFINE_SMALL = kernels.autotuned_affine(kernels.INTERPRETER_POINTWISE_CONFIGS)
+    else:
+        _AFFINE_LARGE = kernels.autotuned_affine(kernels.POINTWISE_CONFIGS)
+        _AFFINE_SMALL = kernels.autotuned_affine(kernels.POINTWISE_CONFIGS[:1])  # one config: never benchmarks
     if INTERPRETED:
         _RESIDUAL_LAUNCH = (kernels.INTERPRETER_RESIDUAL_BLOCK, kernels.INTERPRETER_RESIDUAL_MAX_PROGRAMS, 4)
     else:
@@ -170,7 +173,8 @@ def _affine_update(op: str, state: torch.Tensor, f_val: torch.Tensor, beta: floa
     if state.numel() == 0:
         return
     work, f = _flat_pair(state, f_val)
-    _launch_affine(_AFFINE, work, f, *_coefficients(beta, inverse))
+    kernel = _AFFINE_LARGE if state.numel() >= kernels.TUNE_MIN_ELEMENTS else _AFFINE_SMALL
+    _launch_affine(kernel, work, f, *_coefficients(beta, inverse))
     if work is not state:
         state.copy_(work)
 
