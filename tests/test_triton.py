@@ -403,6 +403,15 @@ def test_gpu_torch_compile_inductor_autotunes_in_place_correctly():
 
 
 @pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_gpu_tensors_on_a_device_that_is_not_current():
+    # Triton launches on the current device; the ops must switch to the tensors' device.
+    assert torch.cuda.current_device() == 0
+    check_pointwise("triton", "relax_", 4097, (torch.float32, torch.bfloat16), 0.8, "cuda:1")
+    check_residual("triton", 4097, (torch.float32, torch.bfloat16), "cuda:1")
+
+
+@pytest.mark.gpu
 def test_gpu_auto_uses_triton_without_the_cuda_extension(monkeypatch):
     from revdeq_kernels import ops
     from revdeq_kernels.backends import extension

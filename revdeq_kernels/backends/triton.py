@@ -15,6 +15,7 @@ state's layout; a state with gaps (a strided slice) is updated through a contigu
 copied back, so nothing outside the view is written.
 """
 
+import contextlib
 import importlib.util
 import math
 import struct
@@ -167,6 +168,14 @@ def _launch_affine(kernel, state: torch.Tensor, f: torch.Tensor, a: float, b: fl
     _wrap(kernel)[grid](state, f, n, _float64_bits(a), _float64_bits(b), FP64=state.dtype == torch.float64)
 
 
+def _on_device_of(t: torch.Tensor):
+    """Triton launches on the current CUDA device, so make it t's (a no-op without CUDA)."""
+    if t.device.type == "cuda" and torch.cuda.is_available() and t.device.index is not None \
+            and t.device.index != torch.cuda.current_device():
+        return torch.cuda.device(t.device.index)
+    return contextlib.nullcontext()
+
+
 def _affine_update(op: str, state: torch.Tensor, f_val: torch.Tensor, beta: float, inverse: bool) -> None:
     _check_pair(op, "state", state, "f_val", f_val)
     _check_beta(op, beta)
@@ -174,7 +183,8 @@ def _affine_update(op: str, state: torch.Tensor, f_val: torch.Tensor, beta: floa
         return
     work, f = _flat_pair(state, f_val)
     kernel = _AFFINE_LARGE if state.numel() >= kernels.TUNE_MIN_ELEMENTS else _AFFINE_SMALL
-    _launch_affine(kernel, work, f, *_coefficients(beta, inverse))
+    with _on_device_of(state):
+        _launch_affine(kernel, work, f, *_coefficients(beta, inverse))
     if work is not state:
         state.copy_(work)
 
@@ -236,7 +246,8 @@ def _triton_residual(z: torch.Tensor, fz: torch.Tensor) -> torch.Tensor:
     if z.numel() == 0:
         return torch.zeros(2, dtype=torch.float64 if z.dtype == torch.float64 else torch.float32, device=z.device)
     z, fz = _flat_pair(z, fz)
-    return _launch_residual(z, fz, *_RESIDUAL_LAUNCH)
+    with _on_device_of(z):
+        return _launch_residual(z, fz, *_RESIDUAL_LAUNCH)
 
 
 def _register_ops() -> None:
