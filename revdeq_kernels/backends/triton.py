@@ -24,18 +24,21 @@ import torch
 
 NAME = "triton"
 
+kernels = None
+INTERPRETED = False
 if importlib.util.find_spec("triton") is None:
-    kernels = None
-    INTERPRETED = False
     _MISSING = "triton is not installed; install it with: pip install triton"
 else:
-    from triton.runtime.interpreter import InterpretedFunction
+    try:
+        from triton.runtime.interpreter import InterpretedFunction
 
-    from . import _triton_kernels as kernels
-
-    # triton.jit chose compiled or interpreted kernels when _triton_kernels was imported.
-    INTERPRETED = isinstance(kernels.affine_kernel, InterpretedFunction)
-    _MISSING = None
+        from . import _triton_kernels as kernels
+    except Exception as exc:  # e.g. a triton built for another torch/CUDA: report it, keep the package usable
+        _MISSING = f"triton is installed but failed to import ({type(exc).__name__}: {exc})"
+    else:
+        # triton.jit chose compiled or interpreted kernels when _triton_kernels was imported.
+        INTERPRETED = isinstance(kernels.affine_kernel, InterpretedFunction)
+        _MISSING = None
 
 _FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 
@@ -54,15 +57,21 @@ def unavailable_reason(device_type: str) -> str | None:
     return f"Triton kernels run on cuda tensors (or cpu under TRITON_INTERPRET=1), not {device_type}"
 
 
+# The backend contract (revdeq_kernels.ops has checked the arguments and skipped empty tensors).
+
+
 def relax_(state: torch.Tensor, f_val: torch.Tensor, beta: float) -> None:
+    """state = (1 - beta) * state + beta * f_val, in place; see _triton_relax_."""
     torch.ops.revdeq.triton_relax_(state, f_val, beta)
 
 
 def unrelax_(state: torch.Tensor, f_val: torch.Tensor, beta: float) -> None:
+    """state = (state - beta * f_val) / (1 - beta), in place; see _triton_unrelax_."""
     torch.ops.revdeq.triton_unrelax_(state, f_val, beta)
 
 
 def residual(z: torch.Tensor, fz: torch.Tensor) -> torch.Tensor:
+    """[sum((z - fz)^2), sum(fz^2)], shape (2,); see _triton_residual."""
     return torch.ops.revdeq.triton_residual(z, fz)
 
 
@@ -137,16 +146,15 @@ def _coefficients(beta: float, inverse: bool) -> tuple:
     return inv, -beta * inv
 
 
-if kernels is not None:
-    if INTERPRETED:
-        _AFFINE_LARGE = _AFFINE_SMALL = kernels.autotuned_affine(kernels.INTERPRETER_POINTWISE_CONFIGS)
-    else:
-        _AFFINE_LARGE = kernels.autotuned_affine(kernels.POINTWISE_CONFIGS)
-        _AFFINE_SMALL = kernels.autotuned_affine(kernels.POINTWISE_CONFIGS[:1])  # one config: never benchmarks
-    if INTERPRETED:
-        _RESIDUAL_LAUNCH = (kernels.INTERPRETER_RESIDUAL_BLOCK, kernels.INTERPRETER_RESIDUAL_MAX_PROGRAMS, 4)
-    else:
-        _RESIDUAL_LAUNCH = (kernels.RESIDUAL_BLOCK, kernels.RESIDUAL_MAX_PROGRAMS, kernels.RESIDUAL_WARPS)
+# The launch choices. Pointwise: sizes below TUNE_MIN_ELEMENTS use one config without benchmarking,
+# larger ones are autotuned once per (size, dtypes). residual: (block, max programs, warps), fixed.
+if kernels is not None and INTERPRETED:
+    _AFFINE_LARGE = _AFFINE_SMALL = kernels.autotuned_affine(kernels.INTERPRETER_POINTWISE_CONFIGS)
+    _RESIDUAL_LAUNCH = (kernels.INTERPRETER_RESIDUAL_BLOCK, kernels.INTERPRETER_RESIDUAL_MAX_PROGRAMS, 4)
+elif kernels is not None:
+    _AFFINE_LARGE = kernels.autotuned_affine(kernels.POINTWISE_CONFIGS)
+    _AFFINE_SMALL = kernels.autotuned_affine(kernels.POINTWISE_CONFIGS[:1])
+    _RESIDUAL_LAUNCH = (kernels.RESIDUAL_BLOCK, kernels.RESIDUAL_MAX_PROGRAMS, kernels.RESIDUAL_WARPS)
 
 # wrap_triton makes a launch visible to torch.compile; it cannot wrap interpreted kernels (and
 # torch < 2.6 has no wrap_triton), so those launch directly.
@@ -237,7 +245,8 @@ def _triton_residual(z: torch.Tensor, fz: torch.Tensor) -> torch.Tensor:
 
     z: float64/32/16 or bfloat16, any shape and strides; fz: z's shape and device, dtype as precise
     as z's or less. Returns shape (2,) on z's device: float64 (float64 z, float64 sums) or float32
-    (float32 sums). Bitwise reproducible: fixed launch, fixed reduction order, no atomics.
+    (float32 sums). Bitwise reproducible for given inputs on a given GPU model and Triton version:
+    fixed launch, fixed reduction order, no atomics.
 
     Example:
         >>> d2, f2 = torch.ops.revdeq.triton_residual(z, fz)
