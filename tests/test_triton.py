@@ -291,11 +291,12 @@ def test_kernels_compile_for_sm90_with_16_byte_accesses():
             code = ptx(K.affine_kernel, sig, {"BLOCK": cfg.kwargs["BLOCK"], "FP64": fp64}, [0, 1], cfg.num_warps)
             print("AFFINE", state, f, f"ld.global.{vector}" in code, f"st.global.{vector}" in code)
             acc = "fp64" if fp64 else "fp32"
-            sig = {"z_ptr": "*" + state, "f_ptr": "*" + f, "partials_ptr": "*" + acc, "n": "i32",
-                   "BLOCK": "constexpr", "FP64": "constexpr"}
-            code = ptx(K.residual_partials_kernel, sig, {"BLOCK": K.RESIDUAL_BLOCK, "FP64": fp64}, [0, 1, 2],
-                       K.RESIDUAL_WARPS)
-            print("RESIDUAL", state, f, f"ld.global.{vector}" in code, "atom" not in code)
+            for n_type in ("i32", "i64"):  # n >= 2^31 arrives as i64 and makes the tile loop 64-bit
+                sig = {"z_ptr": "*" + state, "f_ptr": "*" + f, "partials_ptr": "*" + acc, "n": n_type,
+                       "BLOCK": "constexpr", "FP64": "constexpr"}
+                code = ptx(K.residual_partials_kernel, sig, {"BLOCK": K.RESIDUAL_BLOCK, "FP64": fp64},
+                           [0, 1, 2], K.RESIDUAL_WARPS)
+                print("RESIDUAL", state, f, n_type, f"ld.global.{vector}" in code, "atom" not in code)
         sig = {"partials_ptr": "*fp32", "out_ptr": "*fp32", "programs": "i32", "BLOCK": "constexpr"}
         ptx(K.residual_finish_kernel, sig, {"BLOCK": K.RESIDUAL_MAX_PROGRAMS}, [0, 1], 4)
         print("FINISH ok")
@@ -306,7 +307,7 @@ def test_kernels_compile_for_sm90_with_16_byte_accesses():
                     "the GPU tests compile these kernels instead")
     assert out.returncode == 0, out.stderr[-3000:]
     lines = out.stdout.splitlines()
-    assert len([line for line in lines if line.startswith(("AFFINE", "RESIDUAL"))]) == 8 and "FINISH ok" in lines
+    assert len([line for line in lines if line.startswith(("AFFINE", "RESIDUAL"))]) == 12 and "FINISH ok" in lines
     for line in lines:
         if line.startswith(("AFFINE", "RESIDUAL")):
             assert line.endswith("True True"), f"no 16-byte access (or an atomic) in: {line}\n{out.stdout}"
@@ -370,6 +371,27 @@ def test_gpu_residual_large_is_deterministic(pair):
     first = rk.residual(z, fz, backend="triton")
     for _ in range(5):
         assert torch.equal(rk.residual(z, fz, backend="triton"), first)
+
+
+@pytest.mark.gpu
+def test_gpu_more_than_2_31_elements():
+    # Element offsets past 2^31 need 64-bit index arithmetic in every kernel. About 21 GiB of GPU memory.
+    n = (1 << 31) + 4097
+    if torch.cuda.get_device_properties(0).total_memory < 40 * 2**30:
+        pytest.skip("needs a GPU with 40 GiB of memory")
+    g = torch.Generator(device="cuda").manual_seed(0)
+    state = torch.randn(n, device="cuda", generator=g)
+    f = torch.randn(n, device="cuda", generator=g).to(torch.bfloat16)
+    ends = (slice(0, 1 << 20), slice(n - (1 << 20), n))
+    before = [state[s].double() for s in ends]
+    rk.relax_(state, f, 0.8, backend="triton")
+    for s, old in zip(ends, before):
+        assert_close(state[s], 0.2 * old + 0.8 * f[s].double(), torch.float32, amplification=4, what=f"relax_ {s}")
+    got = rk.residual(state, f, backend="triton")
+    chunk = 1 << 27
+    want = sum(expected_residual(state[i:i + chunk], f[i:i + chunk]) for i in range(0, n, chunk))
+    rel = ((got.double() - want).abs() / want).max().item()
+    assert rel <= 1e-5, f"residual relative error {rel:.3e} (got {got.tolist()}, want {want.tolist()})"
 
 
 @pytest.mark.gpu
