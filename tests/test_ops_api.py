@@ -162,7 +162,7 @@ def test_package_works_without_the_compiled_module():
         "import sys; sys.modules['revdeq_kernels._C'] = None\n"
         "import torch, revdeq_kernels as rk\n"
         "r = rk.available_backends()\n"
-        "assert r['cpu'] == ['reference'], r\n"
+        "assert r['cpu'][0] == 'reference', r  # auto's choice; triton may follow under TRITON_INTERPRET=1\n"
         "assert 'pip install --no-build-isolation -e .' in r['unavailable']['cpp (cpu)'], r\n"
         "s, f = torch.randn(100), torch.randn(100)\n"
         "want = 0.2 * s + 0.8 * f\n"
