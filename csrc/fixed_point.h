@@ -74,56 +74,51 @@ inline Coefficients make_coefficients(int64_t p, int m, int frac_bits) {
 
 REVDEQ_HD bool in_range(int64_t v) { return v >= -kLimit && v <= kLimit; }
 
-// q = round(f * 2^F) when f can enter the state; otherwise records why in *flags and returns false.
-REVDEQ_HD bool quantize(double f, double scale, int64_t* q, int32_t* flags) {
+// The element functions below are branch-free (selects, not jumps): the CPU loop over 32 lanes stays
+// straight-line code, and a GPU warp never diverges on them.
+
+// q = round(f * 2^F), and the flags that say why f cannot enter the state (0 when it can).
+REVDEQ_HD int64_t quantize(double f, double scale, int32_t* why) {
   const double x = f * scale;  // exact: a power of two (a huge float64 f may overflow to inf)
-  if (!(fabs(x) <= kLimitF)) {  // also false for NaN
-    *flags |= fabs(f) <= 1.7976931348623157e308 ? kFOutOfRange : kFNotFinite;
-    return false;
-  }
-  *q = static_cast<int64_t>(round_half_even(x));
-  return true;
+  const bool representable = fabs(x) <= kLimitF;  // false for NaN and Inf too
+  const bool finite = fabs(f) <= 1.7976931348623157e308;
+  *why = representable ? 0 : (finite ? kFOutOfRange : kFNotFinite);
+  return static_cast<int64_t>(round_half_even(representable ? x : 0.0));
 }
 
-// Forward half-step of one element: *y <- (keep * y + p * q) >> m. Returns the m dropped bits, or 0
-// when the element is rejected (then *y is left unchanged and *flags says why).
+// Forward half-step of one element: *y <- (keep * y + p * q) >> m. Returns the m dropped bits. An
+// element that cannot be represented keeps its *y, returns 0 and ORs the reason into *flags.
 REVDEQ_HD uint32_t relax_element(int64_t* y, double f, const Coefficients& c, int32_t* flags) {
-  int64_t q;
-  if (!quantize(f, c.scale, &q, flags)) return 0;
+  int32_t why;
+  const int64_t q = quantize(f, c.scale, &why);
   const int64_t y0 = *y;
-  if (!in_range(y0)) {
-    *flags |= kStateOutOfRange;
-    return 0;
-  }
-  const uint64_t t = static_cast<uint64_t>(c.keep) * static_cast<uint64_t>(y0) +
-                     static_cast<uint64_t>(c.p) * static_cast<uint64_t>(q);
+  const bool ok = why == 0 && in_range(y0);
+  // Out-of-range inputs are zeroed first, so even rejected elements compute nothing that overflows.
+  const uint64_t t = static_cast<uint64_t>(c.keep) * static_cast<uint64_t>(ok ? y0 : 0) +
+                     static_cast<uint64_t>(c.p) * static_cast<uint64_t>(ok ? q : 0);
   const int64_t y1 = static_cast<int64_t>(t) >> c.m;  // arithmetic shift: floor(t / 2^m)
-  if (!in_range(y1)) {  // only possible for beta > 1
-    *flags |= kStateOutOfRange;
-    return 0;
-  }
-  *y = y1;
-  return static_cast<uint32_t>(t & c.mask);
+  const bool done = ok && in_range(y1);  // y1 can leave the range only for beta > 1
+  *y = done ? y1 : y0;
+  *flags |= why | (why == 0 && !done ? kStateOutOfRange : 0);
+  return done ? static_cast<uint32_t>(t & c.mask) : 0u;
 }
 
 // Inverse half-step of one element, given the m bits relax_element returned: *y <- ((y << m) + r -
-// p * q) / keep, the exact division done as a multiplication by keep^-1 modulo 2^64.
+// p * q) / keep, the exact division done as a multiplication by keep^-1 modulo 2^64. A result outside
+// the range, which the forward never produces, means f is not what the forward saw: flagged, not
+// written.
 REVDEQ_HD void unrelax_element(int64_t* y, double f, uint32_t r, const Coefficients& c, int32_t* flags) {
-  int64_t q;
-  if (!quantize(f, c.scale, &q, flags)) return;
+  int32_t why;
+  const int64_t q = quantize(f, c.scale, &why);
   const int64_t y1 = *y;
-  if (!in_range(y1)) {
-    *flags |= kStateOutOfRange;
-    return;
-  }
+  const bool y_ok = in_range(y1);
   const uint64_t t = (static_cast<uint64_t>(y1) << c.m) + r;
   const uint64_t scaled = t - static_cast<uint64_t>(c.p) * static_cast<uint64_t>(q);
   const int64_t y0 = static_cast<int64_t>(scaled * static_cast<uint64_t>(c.inverse));
-  if (!in_range(y0)) {  // the forward never produces this: f is not what it saw
-    *flags |= kInverseMismatch;
-    return;
-  }
-  *y = y0;
+  const bool ok = why == 0 && y_ok;
+  const bool done = ok && in_range(y0);
+  *y = done ? y0 : y1;
+  *flags |= why | (why == 0 && !y_ok ? kStateOutOfRange : 0) | (ok && !done ? kInverseMismatch : 0);
 }
 
 }  // namespace fixed

@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cstring>
 
 #include "dispatch.h"
 #include "fixed_checks.h"
@@ -19,6 +20,23 @@ using fixed::kWordBits;
 
 constexpr int64_t kWordGrain = 1024;  // 32K elements per task
 
+// The packing below views 8 byte-sized lanes as one uint64 with lane i in byte i.
+static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "fixed_cpu.cpp assumes a little-endian CPU");
+
+// Bit-plane packing 8 lanes at a time. `lanes` holds eight remainders as bytes (lane i in byte i).
+// Masking bit b of every byte and multiplying by 0x0102040810204080 moves byte i's bit to bit 56 + i
+// without carries, so the top byte is the 8-bit slice of plane b.
+inline uint32_t plane_bits(uint64_t lanes, int b) {
+  return static_cast<uint32_t>((((lanes >> b) & 0x0101010101010101ull) * 0x0102040810204080ull) >> 56);
+}
+
+// The reverse: spread 8 bits of a plane into bit b of eight bytes (replicate the byte, keep bit i in
+// byte i, then turn each nonzero byte into 1 by adding 0x7f and keeping the top bit).
+inline uint64_t spread_bits(uint32_t bits8, int b) {
+  const uint64_t picked = (uint64_t{bits8} * 0x0101010101010101ull) & 0x8040201008040201ull;
+  return (((picked + 0x7f7f7f7f7f7f7f7full) & 0x8080808080808080ull) >> 7) << b;
+}
+
 template <typename F>
 int32_t relax_fixed_kernel(int64_t* __restrict__ state, const F* __restrict__ f, int32_t* __restrict__ words,
                            int64_t n, const fixed::Coefficients& c) {
@@ -29,13 +47,16 @@ int32_t relax_fixed_kernel(int64_t* __restrict__ state, const F* __restrict__ f,
     for (int64_t w = w0; w < w1; ++w) {
       const int64_t base = w * kWordBits;
       const int lanes = static_cast<int>(std::min<int64_t>(kWordBits, n - base));
-      uint32_t r[kWordBits] = {};
+      uint8_t r[kWordBits] = {};  // m <= 8 bits per lane
       for (int k = 0; k < lanes; ++k) {
-        r[k] = fixed::relax_element(state + base + k, static_cast<double>(f[base + k]), c, &local);
+        r[k] = static_cast<uint8_t>(
+            fixed::relax_element(state + base + k, static_cast<double>(f[base + k]), c, &local));
       }
+      uint64_t groups[4];
+      std::memcpy(groups, r, sizeof(groups));
       for (int b = 0; b < c.m; ++b) {
-        uint32_t word = 0;
-        for (int k = 0; k < kWordBits; ++k) word |= ((r[k] >> b) & 1u) << k;
+        const uint32_t word = plane_bits(groups[0], b) | plane_bits(groups[1], b) << 8 |
+                              plane_bits(groups[2], b) << 16 | plane_bits(groups[3], b) << 24;
         words[b * word_count + w] = static_cast<int32_t>(word);
       }
     }
@@ -54,11 +75,13 @@ int32_t unrelax_fixed_kernel(int64_t* __restrict__ state, const F* __restrict__ 
     for (int64_t w = w0; w < w1; ++w) {
       const int64_t base = w * kWordBits;
       const int lanes = static_cast<int>(std::min<int64_t>(kWordBits, n - base));
-      uint32_t r[kWordBits] = {};
+      uint64_t groups[4] = {};
       for (int b = 0; b < c.m; ++b) {
         const uint32_t word = static_cast<uint32_t>(words[b * word_count + w]);
-        for (int k = 0; k < kWordBits; ++k) r[k] |= ((word >> k) & 1u) << b;
+        for (int g = 0; g < 4; ++g) groups[g] |= spread_bits((word >> (8 * g)) & 0xffu, b);
       }
+      uint8_t r[kWordBits];
+      std::memcpy(r, groups, sizeof(r));
       for (int k = 0; k < lanes; ++k) {
         fixed::unrelax_element(state + base + k, static_cast<double>(f[base + k]), r[k], c, &local);
       }
