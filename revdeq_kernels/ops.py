@@ -3,6 +3,8 @@
     relax_(state, f_val, beta)    state <- (1 - beta) * state + beta * f_val
     unrelax_(state, f_val, beta)  state <- (state - beta * f_val) / (1 - beta)
     residual(z, fz)               [sum((z - fz)^2), sum(fz^2)]
+    relax_fixed_(state, f_val, beta, remainder)    the same update in int64 fixed point, bit-reversible
+    unrelax_fixed_(state, f_val, beta, remainder)  its exact inverse (see fixed_point.py)
 
 Backend choice: `backend=` argument, else the REVDEQ_BACKEND environment variable, else `auto`,
 which tries, for CUDA tensors: cuda (compiled extension), triton, reference; for CPU tensors:
@@ -17,6 +19,7 @@ import os
 import torch
 
 from . import backends
+from . import fixed_point as fxp
 
 FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 _DTYPE_NAMES = "float64, float32, float16 or bfloat16"
@@ -94,22 +97,24 @@ def _check_pointwise(op: str, state, f_val, beta) -> float:
     return beta
 
 
-def _backend_for(op: str, device: torch.device, backend: str | None):
+def _backend_for(op: str, device: torch.device, backend: str | None, kind: str = "float"):
     requested = backend or os.environ.get("REVDEQ_BACKEND") or "auto"
-    return _modules[_backend_name(op, device.type, requested)]
+    return _modules[_backend_name(op, device.type, requested, kind)]
 
 
 @torch.compiler.assume_constant_result  # resolved once while tracing: imports are not traceable
-def _backend_name(op: str, device_type: str, requested: str) -> str:
-    """The backend that serves `device_type` tensors for `requested`, loading its module into _modules."""
-    key = (device_type, requested)
+def _backend_name(op: str, device_type: str, requested: str, kind: str = "float") -> str:
+    """The backend that serves `device_type` tensors for `requested`, loading its module into _modules.
+
+    kind "fixed" asks for a backend with the exact-mode ops (relax_fixed_, unrelax_fixed_)."""
+    key = (device_type, requested, kind)
     name = _resolved.get(key)
     if name is not None:
         return name
     if requested == "auto":
         reasons = []
         for candidate in backends.auto_order(device_type):
-            reason = backends.unavailable_reason(candidate, device_type)
+            reason = backends.unavailable_reason(candidate, device_type, kind)
             if reason is None:
                 name = candidate
                 break
@@ -120,7 +125,7 @@ def _backend_name(op: str, device_type: str, requested: str) -> str:
         raise ValueError(f"{op}: unknown backend {requested!r}; expected 'auto' or one of "
                          f"{', '.join(backends.NAMES)}")
     else:
-        reason = backends.unavailable_reason(requested, device_type)
+        reason = backends.unavailable_reason(requested, device_type, kind)
         if reason is not None:
             raise RuntimeError(f"{op}: backend {requested!r} is not available for {device_type} tensors: "
                                f"{reason}")
@@ -219,3 +224,131 @@ def available_backends() -> dict:
             elif not reason.startswith("it serves"):
                 report["unavailable"][f"{name} ({device_type})"] = reason
     return report
+
+
+# ---------------------------------------------------------------------------------------------
+# Exact mode: int64 fixed-point states (format and rules in revdeq_kernels/fixed_point.py).
+
+
+def _check_fixed(op: str, state, f_val, beta, remainder, frac_bits, status) -> fxp.DyadicBeta:
+    if not isinstance(state, torch.Tensor):
+        raise TypeError(f"{op}: state must be a torch.Tensor, got {type(state).__name__}")
+    if state.dtype != torch.int64:
+        raise TypeError(f"{op}: state must have dtype torch.int64 (fixed point; convert with "
+                        f"revdeq_kernels.fixed_point.to_fixed), got {state.dtype}")
+    _check_tensor(op, "f_val", f_val)
+    if f_val.device != state.device:
+        raise ValueError(f"{op}: f_val is on {f_val.device} but state is on {state.device}")
+    if f_val.shape != state.shape:
+        raise ValueError(f"{op}: f_val has shape {tuple(f_val.shape)} but state has shape {tuple(state.shape)}")
+    if torch.is_grad_enabled() and f_val.requires_grad:
+        raise RuntimeError(f"{op}: f_val requires grad and grad mode is on, but {op} records no autograd "
+                           "history; call it under torch.no_grad() or pass detached tensors")
+    beta = fxp.check_beta(op, beta)
+    fxp.check_frac_bits(op, frac_bits)
+    want = fxp.remainder_shape(state.numel(), beta.m)
+    if not isinstance(remainder, torch.Tensor):
+        raise TypeError(f"{op}: remainder must be a torch.Tensor, got {type(remainder).__name__}")
+    if remainder.dtype != torch.int32 or tuple(remainder.shape) != want or remainder.device != state.device:
+        raise ValueError(f"{op}: remainder must be an int32 tensor of shape {want} (m, ceil(numel / 32)) on "
+                         f"{state.device}, got {remainder.dtype} of shape {tuple(remainder.shape)} on "
+                         f"{remainder.device}; make one with fixed_point.remainder_buffer(numel, m, half_steps)[k]")
+    if not remainder.is_contiguous():
+        raise ValueError(f"{op}: remainder must be contiguous, got strides {remainder.stride()}")
+    if status is not None and (not isinstance(status, torch.Tensor) or status.dtype != torch.int32
+                               or tuple(status.shape) != (1,) or status.device != state.device):
+        got = (f"{status.dtype} of shape {tuple(status.shape)} on {status.device}"
+               if isinstance(status, torch.Tensor) else type(status).__name__)
+        raise ValueError(f"{op}: status must be an int32 tensor of shape (1,) on {state.device} (see "
+                         f"fixed_point.new_status), got {got}")
+    if not torch.compiler.is_compiling():  # storage pointers do not exist while tracing
+        if torch._debug_has_internal_overlap(state) == 1:
+            raise ValueError(f"{op}: state has internal overlap (e.g. an expanded view); an in-place update "
+                             "would write some elements more than once")
+        named = [("state", state), ("f_val", f_val), ("remainder", remainder)]
+        if status is not None:
+            named.append(("status", status))
+        for i, (a_name, a) in enumerate(named):
+            for b_name, b in named[i + 1:]:
+                if _may_share_memory(a, b):
+                    raise ValueError(f"{op}: {b_name} shares memory with {a_name}")
+    return beta
+
+
+def _fixed_update(op: str, inverse: bool, state, f_val, beta, remainder, frac_bits, status, backend):
+    beta = _check_fixed(op, state, f_val, beta, remainder, frac_bits, status)
+    sync = status is None
+    if sync:
+        status = fxp.new_status(state.device)
+    if state.numel() > 0:
+        impl = _backend_for(op, state.device, backend, "fixed")
+        kernel = impl.unrelax_fixed_ if inverse else impl.relax_fixed_
+        kernel(state, f_val, remainder, status, beta.p, beta.m, int(frac_bits))
+    if sync:
+        code = fxp.FixedStatus(int(status.item()))
+        if code:
+            raise fxp.status_error(op, code, state, f_val, int(frac_bits))
+    return state
+
+
+def relax_fixed_(state: torch.Tensor, f_val: torch.Tensor, beta, remainder: torch.Tensor, *,
+                 frac_bits: int = fxp.DEFAULT_FRAC_BITS, status: torch.Tensor | None = None,
+                 backend: str | None = None) -> torch.Tensor:
+    """In place, exactly: ``state = ((2^m - p) * state + p * round(f_val * 2^F)) >> m``; returns ``state``.
+
+    The relaxation ``(1 - beta) * y + beta * f`` in int64 fixed point with beta = p / 2^m and F =
+    ``frac_bits``; the m bits the shift drops go to ``remainder``, so :func:`unrelax_fixed_` can undo
+    the step bit for bit. Format, ranges and error rules: :mod:`revdeq_kernels.fixed_point`.
+
+    Args:
+        state: int64 tensor (fixed point with ``frac_bits`` fractional bits), any shape and strides,
+            values within ±2^53; updated in place.
+        f_val: float64, float32, float16 or bfloat16, same shape and device; finite, with
+            ``|f_val| <= 2^(53 - frac_bits)``. Must not require grad while grad mode is on.
+        beta: ``(p, m)`` meaning p / 2^m (a :class:`~revdeq_kernels.fixed_point.DyadicBeta`): m in
+            [1, 8], p odd in (0, 2^(m+1)). Round a float once with ``fixed_point.dyadic_beta``.
+        remainder: int32, contiguous, shape ``(m, ceil(state.numel() / 32))``, overwritten with the
+            dropped bits as bit planes (bit b of element i, row-major, in bit i % 32 of word
+            [b, i // 32]).
+        frac_bits: fractional bits of ``state``, in [0, 52] (default 32).
+        status: optional int32 tensor of shape (1,) on the state's device. Given, problems are ORed
+            into it as :class:`~revdeq_kernels.fixed_point.FixedStatus` flags with no host sync
+            (check with ``fixed_point.check_status``); omitted, the op synchronises and raises
+            :class:`~revdeq_kernels.fixed_point.FixedPointError`. Either way, elements it cannot
+            represent (NaN/Inf or out-of-range ``f_val`` or state) are left unchanged.
+        backend: as for :func:`relax_` (backends without exact-mode kernels raise).
+
+    Example:
+        >>> from revdeq_kernels import fixed_point as fxp
+        >>> y, fz = fxp.to_fixed(torch.randn(1000)), torch.randn(1000)
+        >>> beta, rem = fxp.dyadic_beta(0.8125), fxp.remainder_buffer(1000, 4, 1)
+        >>> y0 = y.clone()
+        >>> unrelax_fixed_(relax_fixed_(y, fz, beta, rem[0]), fz, beta, rem[0])
+        >>> torch.equal(y, y0)
+        True
+    """
+    return _fixed_update("relax_fixed_", False, state, f_val, beta, remainder, frac_bits, status, backend)
+
+
+def unrelax_fixed_(state: torch.Tensor, f_val: torch.Tensor, beta, remainder: torch.Tensor, *,
+                   frac_bits: int = fxp.DEFAULT_FRAC_BITS, status: torch.Tensor | None = None,
+                   backend: str | None = None) -> torch.Tensor:
+    """In place, exactly: the inverse of :func:`relax_fixed_`; returns ``state``.
+
+    Computes ``((state << m) + r - p * q) * (2^m - p)^-1 mod 2^64`` with q = round(f_val * 2^F) and r
+    the remainder bits: an exact division (by multiplication with the modular inverse) when
+    ``f_val`` is bit-identical to the value the forward step saw and ``remainder`` is what it wrote.
+
+    Args: as for :func:`relax_fixed_`; ``remainder`` is read, not written. A result outside ±2^53,
+    which no forward step produces, is left unchanged and flagged ``INVERSE_MISMATCH``: ``f`` did
+    not reproduce its forward output (caught whenever |2^m - p| > 1).
+
+    Example:
+        >>> from revdeq_kernels import fixed_point as fxp
+        >>> y, fz, beta = fxp.to_fixed(torch.randn(64)), torch.randn(64), fxp.DyadicBeta(21, 4)
+        >>> rem = fxp.remainder_buffer(64, beta.m, 1)[0]
+        >>> y0 = y.clone()
+        >>> torch.equal(unrelax_fixed_(relax_fixed_(y, fz, beta, rem), fz, beta, rem), y0)
+        True
+    """
+    return _fixed_update("unrelax_fixed_", True, state, f_val, beta, remainder, frac_bits, status, backend)

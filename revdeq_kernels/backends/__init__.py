@@ -1,7 +1,9 @@
 """Which backends exist, which device types each serves, and the order `auto` tries them in.
 
 A backend module defines relax_(state, f_val, beta) -> None, unrelax_(...) -> None,
-residual(z, fz) -> Tensor and unavailable_reason(device_type) -> str | None. Argument checks
+residual(z, fz) -> Tensor and unavailable_reason(device_type) -> str | None. It may also
+implement exact mode: relax_fixed_ / unrelax_fixed_(state, f_val, remainder, status, p, m,
+frac_bits) -> None and fixed_unavailable_reason(device_type) -> str | None. Argument checks
 happen before, in revdeq_kernels/ops.py; backends may assume valid, non-empty inputs.
 """
 
@@ -36,8 +38,10 @@ def load(name: str):
         return f"its module revdeq_kernels.backends.{module_name} failed to import ({exc})"
 
 
-def unavailable_reason(name: str, device_type: str) -> str | None:
-    """None when backend `name` can run ops on tensors of `device_type` here, else why not."""
+def unavailable_reason(name: str, device_type: str, kind: str = "float") -> str | None:
+    """None when backend `name` can run ops on tensors of `device_type` here, else why not.
+
+    kind "float" asks for relax_/unrelax_/residual, "fixed" for the exact-mode ops."""
     _, devices = _BACKENDS[name]
     if devices is not None and device_type not in devices:
         return f"it serves {' and '.join(devices)} tensors only"
@@ -45,6 +49,10 @@ def unavailable_reason(name: str, device_type: str) -> str | None:
     if isinstance(module, str):
         return module
     reason = module.unavailable_reason(device_type)
+    if reason is None and kind == "fixed":
+        fixed_reason = getattr(module, "fixed_unavailable_reason", None)
+        reason = (fixed_reason(device_type) if fixed_reason is not None
+                  else "it has no fixed-point (exact mode) kernels yet")
     if reason is None and device_type == "cuda" and not torch.cuda.is_available():
         reason = "no CUDA device is visible"
     return reason

@@ -1,6 +1,7 @@
 """The compiled module revdeq_kernels._C: C++ CPU kernels, and CUDA kernels when it was built with them.
 
-Importing _C registers torch.ops.revdeq.{relax_, unrelax_, residual}; this file adds their fake
+Importing _C registers torch.ops.revdeq.{relax_, unrelax_, residual, relax_fixed_, unrelax_fixed_};
+this file adds their fake
 (meta) kernels so they trace under torch.compile. When _C is missing, the package still works on
 the reference backend and this module explains how to build it.
 """
@@ -41,6 +42,18 @@ def unavailable_reason(device_type: str) -> str | None:
     return f"revdeq_kernels._C has no kernels for {device_type} tensors"
 
 
+def fixed_unavailable_reason(device_type: str) -> str | None:
+    """None when _C has the exact-mode kernels for `device_type` tensors, else why not."""
+    reason = unavailable_reason(device_type)
+    if reason is not None:
+        return reason
+    key = {"cpu": "CPU", "cuda": "CUDA"}[device_type]
+    if not all(torch._C._dispatch_has_kernel_for_dispatch_key(f"revdeq::{op}", key)
+               for op in ("relax_fixed_", "unrelax_fixed_")):
+        return f"revdeq_kernels._C has no fixed-point (exact mode) kernels for {device_type} tensors"
+    return None
+
+
 def relax_(state: torch.Tensor, f_val: torch.Tensor, beta: float) -> None:
     torch.ops.revdeq.relax_(state, f_val, beta)
 
@@ -51,6 +64,14 @@ def unrelax_(state: torch.Tensor, f_val: torch.Tensor, beta: float) -> None:
 
 def residual(z: torch.Tensor, fz: torch.Tensor) -> torch.Tensor:
     return torch.ops.revdeq.residual(z, fz)
+
+
+def relax_fixed_(state, f_val, remainder, status, p: int, m: int, frac_bits: int) -> None:
+    torch.ops.revdeq.relax_fixed_(state, f_val, remainder, status, p, m, frac_bits)
+
+
+def unrelax_fixed_(state, f_val, remainder, status, p: int, m: int, frac_bits: int) -> None:
+    torch.ops.revdeq.unrelax_fixed_(state, f_val, remainder, status, p, m, frac_bits)
 
 
 if _C is not None:
@@ -66,3 +87,11 @@ if _C is not None:
     @torch.library.register_fake("revdeq::residual")
     def _residual_fake(z, fz):
         return z.new_empty(2, dtype=torch.float64 if z.dtype == torch.float64 else torch.float32)
+
+    @torch.library.register_fake("revdeq::relax_fixed_")
+    def _relax_fixed_fake(state, f_val, remainder, status, p, m, frac_bits):
+        return None
+
+    @torch.library.register_fake("revdeq::unrelax_fixed_")
+    def _unrelax_fixed_fake(state, f_val, remainder, status, p, m, frac_bits):
+        return None

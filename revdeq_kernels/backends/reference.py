@@ -1,10 +1,15 @@
-"""Pure-PyTorch implementations of the three ops: the test oracle and the fallback on every device.
+"""Pure-PyTorch implementations of the ops: the test oracle and the fallback on every device.
 
 Arithmetic happens in float64 for float64 states and in float32 otherwise, then rounds once to
-the state's dtype, which is what the compiled backends do too.
+the state's dtype, which is what the compiled backends do too. The fixed-point ops (exact mode)
+follow revdeq_kernels/fixed_point.py to the bit, in int64 tensor arithmetic.
 """
 
+import math
+
 import torch
+
+from ..fixed_point import LIMIT, FixedStatus, inverse_mod_2_64, pack_remainder, unpack_remainder
 
 NAME = "reference"
 
@@ -32,3 +37,59 @@ def residual(z: torch.Tensor, fz: torch.Tensor) -> torch.Tensor:
     f = fz.to(acc)
     diff = z.to(acc) - f
     return torch.stack([diff.square().sum(), f.square().sum()])
+
+
+def fixed_unavailable_reason(device_type: str) -> str | None:
+    return None
+
+
+def _in_range(v: torch.Tensor) -> torch.Tensor:
+    return (v >= -LIMIT) & (v <= LIMIT)  # not v.abs(): abs(-2^63) wraps to -2^63
+
+
+def _quantize(f_val: torch.Tensor, frac_bits: int):
+    """(q, finite, in_range): q = round_half_even(f * 2^F) as int64, 0 where f cannot be represented."""
+    f = f_val.reshape(-1).to(torch.float64)
+    finite = torch.isfinite(f)
+    scaled = f * math.ldexp(1.0, frac_bits)  # exact: a power of two (huge float64 f may become inf)
+    in_range = scaled.abs() <= LIMIT
+    q = torch.where(in_range, scaled, 0.0).round().to(torch.int64)  # torch.round: half to even
+    return q, finite, in_range
+
+
+def _flag(status: torch.Tensor, code: FixedStatus, where: torch.Tensor) -> None:
+    # No host sync: the flag is computed and ORed on the device.
+    status.bitwise_or_(where.any().to(torch.int32) * int(code))
+
+
+def relax_fixed_(state, f_val, remainder, status, p: int, m: int, frac_bits: int) -> None:
+    y = state.reshape(-1)
+    q, finite, f_ok = _quantize(f_val, frac_bits)
+    y_ok = _in_range(y)
+    ok = f_ok & y_ok
+    t = ((1 << m) - p) * torch.where(ok, y, 0) + p * torch.where(ok, q, 0)  # exact: |t| < 766 * 2^53
+    y_new = t >> m
+    ok_out = _in_range(y_new)
+    done = ok & ok_out
+    remainder.copy_(pack_remainder(torch.where(done, t & ((1 << m) - 1), 0), m))
+    state.copy_(torch.where(done, y_new, y).view(state.shape))
+    _flag(status, FixedStatus.F_NOT_FINITE, ~finite)
+    _flag(status, FixedStatus.F_OUT_OF_RANGE, finite & ~f_ok)
+    _flag(status, FixedStatus.STATE_OUT_OF_RANGE, f_ok & ~(y_ok & ok_out))
+
+
+def unrelax_fixed_(state, f_val, remainder, status, p: int, m: int, frac_bits: int) -> None:
+    y = state.reshape(-1)
+    q, finite, f_ok = _quantize(f_val, frac_bits)
+    y_ok = _in_range(y)
+    ok = f_ok & y_ok
+    t = torch.where(ok, y, 0) * (1 << m) + unpack_remainder(remainder, m, y.numel())
+    # t - p*q is (2^m - p) * y_old exactly when f_val matches the forward; multiplying by the inverse
+    # of the odd 2^m - p modulo 2^64 then divides exactly (int64 products wrap modulo 2^64 in torch).
+    y_old = (t - p * torch.where(ok, q, 0)) * inverse_mod_2_64((1 << m) - p)
+    ok_out = _in_range(y_old)
+    state.copy_(torch.where(ok & ok_out, y_old, y).view(state.shape))
+    _flag(status, FixedStatus.F_NOT_FINITE, ~finite)
+    _flag(status, FixedStatus.F_OUT_OF_RANGE, finite & ~f_ok)
+    _flag(status, FixedStatus.STATE_OUT_OF_RANGE, f_ok & ~y_ok)
+    _flag(status, FixedStatus.INVERSE_MISMATCH, ok & ~ok_out)
