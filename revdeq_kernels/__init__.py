@@ -1,7 +1,10 @@
 """revdeq_kernels: fused, exact and memory-flat kernels for Reversible Deep Equilibrium models."""
 
+from .autograd import reversible_fixed_point
+from .nn import RevDEQ
 from .ops import available_backends, relax_, residual, unrelax_
 
 __version__ = "0.1.0"
 
-__all__ = ["available_backends", "relax_", "residual", "unrelax_", "__version__"]
+__all__ = ["RevDEQ", "available_backends", "relax_", "residual", "reversible_fixed_point", "unrelax_",
+           "__version__"]
