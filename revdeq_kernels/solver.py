@@ -39,6 +39,7 @@ import torch
 from . import backends, ops
 
 STATE_DTYPES = (torch.float64, torch.float32)
+FIRST_EVALUATION = "forward pass, evaluating f(z0)"
 
 # Default bound on the reported drift above which the backward warns (once per process). The
 # reversed iteration amplifies rounding by 1/|1-beta| per half-step while the adjoints shrink by
@@ -408,16 +409,17 @@ class Problem:
         try:
             out = self.f(z, x)
         except Exception as exc:
-            if self.default_start and where == "evaluating f(z0)":
-                raise RuntimeError(
-                    f"{self.caller}: f raised {type(exc).__name__} on the default z0 (zeros shaped like x's first "
-                    f"tensor, {self.state_shape}); if f's state has another shape, pass z0= with it") from exc
+            if where == FIRST_EVALUATION and hasattr(exc, "add_note"):  # Python >= 3.11
+                origin = ("the default z0: zeros shaped like x's first tensor; if f's state has another shape, "
+                          "pass z0=" if self.default_start else "z0's shape")
+                exc.add_note(f"{self.caller}: raised by f on its first call, with a state of shape "
+                             f"{self.state_shape} ({origin})")
             raise
         self._check_output(out, where)
         return out
 
     def _check_output(self, out, where: str) -> None:
-        name = f"{self.caller}: f (in the {where})"
+        name = f"{self.caller}: f ({where})"
         if not isinstance(out, torch.Tensor):
             raise TypeError(f"{name} must return a torch.Tensor, got {type(out).__name__}")
         if tuple(out.shape) != self.state_shape:
@@ -524,10 +526,10 @@ def forward(problem: Problem, info: SolverInfo, x, x_tensors, z0, declared=None)
 
     tape.record()
     if declared is None:
-        fz = problem.evaluate(states.show("z"), x, "evaluating f(z0)")
+        fz = problem.evaluate(states.show("z"), x, FIRST_EVALUATION)
     else:
         with torch.enable_grad():
-            fz = problem.evaluate(states.show("z"), x, "evaluating f(z0)")
+            fz = problem.evaluate(states.show("z"), x, FIRST_EVALUATION)
             check_declared(problem, fz, declared)
         fz = fz.detach()
     history[0] = states.residual(fz)
