@@ -4,8 +4,20 @@ The oracle is plain autograd through the same iteration the solver runs (same be
 steps, same casts between state and f), so the reversible gradient must match it to rounding.
 """
 
+import pytest
 import torch
 import torch.nn.functional as F
+
+
+@pytest.fixture(autouse=True)
+def single_threaded():
+    """The solver tests use tiny tensors, where intra-op threads only add contention (on a busy
+    2-core machine a 32x16 matmul goes from microseconds to milliseconds). Import this fixture into a
+    test module to run its tests on one thread; the previous setting is restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 class TanhCell(torch.nn.Module):

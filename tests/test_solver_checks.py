@@ -5,7 +5,11 @@ import warnings
 
 import pytest
 import torch
-from solver_cases import TanhCell, randn
+from solver_cases import (
+    TanhCell,
+    randn,
+    single_threaded,  # noqa: F401 (an autouse fixture)
+)
 
 import revdeq_kernels as rk
 from revdeq_kernels import solver

@@ -2,7 +2,14 @@
 
 import pytest
 import torch
-from solver_cases import TanhCell, assert_grads_close, randn, rel_err, unrolled
+from solver_cases import (
+    TanhCell,
+    assert_grads_close,
+    randn,
+    rel_err,
+    single_threaded,  # noqa: F401 (an autouse fixture)
+    unrolled,
+)
 from torch.nn.utils import parametrize
 
 import revdeq_kernels as rk

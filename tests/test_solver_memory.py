@@ -2,7 +2,12 @@
 
 import pytest
 import torch
-from solver_cases import TanhCell, randn, unrolled
+from solver_cases import (
+    TanhCell,
+    randn,
+    single_threaded,  # noqa: F401 (an autouse fixture)
+    unrolled,
+)
 
 import revdeq_kernels as rk
 
