@@ -39,7 +39,9 @@ class ReversibleFixedPoint(torch.autograd.Function):
         ctx.steps, ctx.tape = result.steps, result.tape
         ctx.autocast = _Autocast(problem.device.type)
         ctx.consumed = False
-        ctx.save_for_backward(*result.states.saved(), z0, *tensors)
+        saved_states = result.states.saved()
+        ctx.n_saved_states = len(saved_states)
+        ctx.save_for_backward(*saved_states, z0, *tensors)
         return result.states.output()
 
     @staticmethod
@@ -52,10 +54,13 @@ class ReversibleFixedPoint(torch.autograd.Function):
                 "so a second backward over the same graph (retain_graph=True) is not supported. Run the solver "
                 "again for each backward")
         ctx.consumed = True
-        y, z, z0, *tensors = ctx.saved_tensors
+        saved = ctx.saved_tensors
+        n = ctx.n_saved_states
+        z0, tensors = saved[n], saved[n + 1:]
         x_tensors, params = tensors[:problem.n_x], tensors[problem.n_x:]
         needs = ctx.needs_input_grad
-        states = solver.FloatStates(y, z, problem.compute_dtype, problem.options.beta, problem.options.backend)
+        states = solver.FloatStates.from_saved(saved[:n], problem.compute_dtype, problem.options.beta,
+                                               problem.options.backend)
         with ctx.autocast():
             grad_z0, grad_x, grad_params = solver.backward(
                 problem, ctx.info, states, ctx.steps, ctx.tape, grad_z, z0,
@@ -134,7 +139,7 @@ def solve(f, x, *, z0=None, params=None, options: SolverOptions, caller: str = "
     else:
         declared = [] if problem.check_closures else None
         with torch.no_grad():
-            result = solver.forward(problem, info, x, x_tensors, z0, declared)
+            result = solver.forward(problem, info, x, x_tensors, z0, declared, keep_rng=False)
         z = result.states.output()
     return z, info
 
@@ -168,7 +173,7 @@ def reversible_fixed_point(f, x, *, z0=None, beta=0.8, max_steps=30, tol=1e-3, p
         state_dtype: ``torch.float64`` (default; gradients stay exact for far more steps) or
             ``torch.float32`` (faster, drifts after 8-16 steps). It must hold the compute dtype.
         max_drift: raise :class:`~revdeq_kernels.solver.DriftError` when the backward's reconstructed
-            start is further than this (relative) from the true one; None warns once above 1e-2.
+            start is further than this (relative) from the true one; None warns once above 0.1.
         backend: the backend of the fused ops (``None``/``"auto"``, ``"cuda"``, ``"triton"``,
             ``"cpp"``, ``"reference"``).
 
