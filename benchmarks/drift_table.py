@@ -116,6 +116,15 @@ def markdown(rows) -> str:
     return "\n".join(lines)
 
 
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            models = [line.split(":", 1)[1].strip() for line in fh if line.startswith("model name")]
+        return f"{models[0]} ({os.cpu_count()} cores)"
+    except (OSError, IndexError):
+        return platform.processor() or platform.machine()
+
+
 def stamp(device) -> dict:
     here = os.path.dirname(os.path.abspath(__file__))
     try:
@@ -123,7 +132,7 @@ def stamp(device) -> dict:
                                 check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         commit = None
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()
     return {"device": f"{device.type}: {name}", "torch": torch.__version__, "python": sys.version.split()[0],
             "revdeq_kernels": rk.__version__, "commit": commit,
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
