@@ -5,6 +5,10 @@ gradients of one process on the whole batch.
 """
 
 
+import datetime
+import time
+
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -29,20 +33,32 @@ def _loss(model, x):
 
 def _worker(rank, world, store_file, out_file):
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store_file}", rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=f"file://{store_file}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
     try:
         model = torch.nn.parallel.DistributedDataParallel(_model())
         x = randn(BATCH, DIM, seed=1).chunk(world)[rank]
         _loss(model, x).backward()
         if rank == 0:
             torch.save([p.grad for p in model.parameters()], out_file)
+        # Free DDP's reducer while the peer is still there: tearing it down after the other rank has
+        # left can block forever in gloo.
+        del model
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
 
 def test_ddp_gradients_equal_single_process_gradients(tmp_path):
     out_file = str(tmp_path / "grads.pt")
-    mp.spawn(_worker, args=(2, str(tmp_path / "store"), out_file), nprocs=2, join=True)
+    context = mp.start_processes(_worker, args=(2, str(tmp_path / "store"), out_file), nprocs=2, join=False,
+                                 start_method="spawn")
+    deadline = time.monotonic() + 240
+    while not context.join(timeout=1):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail("the two DDP processes did not finish within 240 s")
     ddp_grads = torch.load(out_file)
 
     model = _model()
