@@ -1,10 +1,11 @@
 """revdeq_kernels: fused, exact and memory-flat kernels for Reversible Deep Equilibrium models."""
 
 from .autograd import reversible_fixed_point
+from .info import DriftError
 from .nn import RevDEQ
 from .ops import available_backends, relax_, residual, unrelax_
 
 __version__ = "0.1.0"
 
-__all__ = ["RevDEQ", "available_backends", "relax_", "residual", "reversible_fixed_point", "unrelax_",
+__all__ = ["DriftError", "RevDEQ", "available_backends", "relax_", "residual", "reversible_fixed_point", "unrelax_",
            "__version__"]

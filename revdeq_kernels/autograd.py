@@ -10,7 +10,9 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from . import solver
-from .solver import Problem, SolverInfo, SolverOptions
+from .info import SolverInfo
+from .solver import Problem, SolverOptions
+from .states import FloatStates
 
 FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 
@@ -59,8 +61,8 @@ class ReversibleFixedPoint(torch.autograd.Function):
         z0, tensors = saved[n], saved[n + 1:]
         x_tensors, params = tensors[:problem.n_x], tensors[problem.n_x:]
         needs = ctx.needs_input_grad
-        states = solver.FloatStates.from_saved(saved[:n], problem.compute_dtype, problem.options.beta,
-                                               problem.options.backend)
+        states = FloatStates.from_saved(saved[:n], problem.compute_dtype, problem.options.beta,
+                                        problem.options.backend)
         with ctx.autocast():
             grad_z0, grad_x, grad_params = solver.backward(
                 problem, ctx.info, states, ctx.steps, ctx.tape, grad_z, z0,
@@ -172,7 +174,7 @@ def reversible_fixed_point(f, x, *, z0=None, beta=0.8, max_steps=30, tol=1e-3, p
         check_every: with a ``tol``, read the residual back (one sync) every this many steps.
         state_dtype: ``torch.float64`` (default; gradients stay exact for far more steps) or
             ``torch.float32`` (faster, drifts after 8-16 steps). It must hold the compute dtype.
-        max_drift: raise :class:`~revdeq_kernels.solver.DriftError` when the backward's reconstructed
+        max_drift: raise :class:`~revdeq_kernels.DriftError` when the backward's reconstructed
             start is further than this (relative) from the true one; None warns once above 0.1.
         backend: the backend of the fused ops (``None``/``"auto"``, ``"cuda"``, ``"triton"``,
             ``"cpp"``, ``"reference"``).
@@ -182,7 +184,7 @@ def reversible_fixed_point(f, x, *, z0=None, beta=0.8, max_steps=30, tol=1e-3, p
     under ``torch.autocast``. ``z`` is returned in the compute dtype.
 
     Returns:
-        ``(z, info)``: ``z`` shaped like the state; ``info`` a :class:`~revdeq_kernels.solver.SolverInfo`
+        ``(z, info)``: ``z`` shaped like the state; ``info`` a :class:`~revdeq_kernels.info.SolverInfo`
         with ``"steps"``, ``"residual"`` and, after backward, ``"drift"``. Non-finite values from ``f``
         raise ``FloatingPointError`` naming the pass and step: inside the pass when ``tol`` is set,
         when ``info`` is read when ``tol=None``.

@@ -19,7 +19,7 @@ class RevDEQ(torch.nn.Module):
 
     ``forward(x, z0=None)``: ``x`` a tensor or tuple of tensors, ``z0`` the start (default zeros
     shaped like x's first tensor). Returns ``z`` in z0's dtype (else x's). The last call's
-    :class:`~revdeq_kernels.solver.SolverInfo` is kept as ``self.info``.
+    :class:`~revdeq_kernels.info.SolverInfo` is kept as ``self.info``.
 
     Example:
         >>> class Cell(torch.nn.Module):

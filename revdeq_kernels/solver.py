@@ -23,35 +23,25 @@ after every step, NaN-propagating checks in the backward, the drift) and :class:
 once when asked. With a tolerance the forward reads the residuals back every ``check_every``
 steps and the backward reads its evidence once at the end.
 
-:class:`FloatStates` is the one place that knows how a state is stored, relaxed, un-relaxed and
-shown to ``f``; the loops below only call it.
+:class:`~revdeq_kernels.states.FloatStates` is the one place that knows how a state is stored,
+relaxed, un-relaxed and shown to ``f``; the loops below only call it. :class:`~revdeq_kernels.rng.RngTape`
+replays randomness; :class:`~revdeq_kernels.info.SolverInfo` reports.
 """
 
 import contextlib
 import dataclasses
 import math
 import numbers
-import warnings
-from collections.abc import Mapping
 
 import torch
 
 from . import backends, ops
+from .info import SolverInfo
+from .rng import RngTape
+from .states import FloatStates
 
 STATE_DTYPES = (torch.float64, torch.float32)
 FIRST_EVALUATION = "forward pass, evaluating f(z0)"
-
-# Default bound on the reported drift above which the backward warns (once per process). The
-# reversed iteration amplifies rounding by 1/|1-beta| per half-step while the adjoints shrink, so the
-# start state is always the worst-reconstructed point: gradients stay close to stored-activation
-# backprop while the drift is well below 1, and go wrong (1e-3 and worse) once it is O(1) or more
-# (benchmarks/drift_table.py measures both).
-DRIFT_WARN_BOUND = 0.1
-_warned = {"drift": False}
-
-
-class DriftError(RuntimeError):
-    """The backward pass reconstructed the start state further from the truth than ``max_drift``."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,287 +90,6 @@ def _optional_nonnegative(caller, name, value) -> float | None:
     if not (math.isfinite(value) and value >= 0.0):
         raise ValueError(f"{caller}: {name} must be a finite number >= 0 or None, got {value!r}")
     return value
-
-
-def _relative(d2: float, f2: float) -> float:
-    """||z - f(z)|| / ||f(z)|| from the two squared norms; 0 when both are 0."""
-    if f2 > 0.0:
-        return math.sqrt(d2 / f2)
-    return 0.0 if d2 == 0.0 else math.inf
-
-
-def _all_finite(row) -> bool:
-    return all(math.isfinite(v) for v in row)
-
-
-class SolverInfo(Mapping):
-    """What one solve did, read lazily from the device.
-
-    Keys:
-        ``"steps"``: int, the forward steps taken (each evaluates ``f`` twice); known without a sync.
-        ``"residual"``: float, ``||z - f(z)|| / ||f(z)||`` at the returned ``z``.
-        ``"drift"``: float, after backward: ``max |reconstructed start - z0| / max(|z|, |z0|)``;
-        None before the backward ran.
-
-    With ``tol=None`` the solver never synchronises; reading ``"residual"`` or ``"drift"`` (or calling
-    :meth:`check`) copies the device evidence to the host once, and that is when non-finite values
-    from ``f`` raise ``FloatingPointError`` (naming the pass and the step) and a drift above
-    ``max_drift`` raises :class:`DriftError`. With a tolerance these checks run inside the passes.
-
-    Example:
-        >>> z, info = reversible_fixed_point(f, x)
-        >>> info["steps"], info["residual"]
-        (12, 0.00094)
-    """
-
-    _KEYS = ("steps", "residual", "drift")
-
-    def __init__(self, caller: str, options: SolverOptions):
-        self._caller = caller
-        self._options = options
-        self.steps = 0
-        self._history = None  # (max_steps + 1, 2): [||z - f(z)||^2, ||f(z)||^2] after each step
-        self._read_rows = 0  # history rows already checked on the host
-        self._residual = None
-        self._backward = None  # (steps + 1, 4): NaN-propagating evidence per backward step, drift last
-        self._drift = None
-
-    # Mapping interface: the three keys, always present.
-    def __getitem__(self, key):
-        if key == "steps":
-            return self.steps
-        if key == "residual":
-            return self._read_forward()
-        if key == "drift":
-            return self._read_backward()
-        raise KeyError(key)
-
-    def __iter__(self):
-        return iter(self._KEYS)
-
-    def __len__(self):
-        return len(self._KEYS)
-
-    def __repr__(self):
-        try:
-            return f"SolverInfo({dict(self)})"
-        except (FloatingPointError, DriftError) as exc:  # printing must not raise
-            return f"SolverInfo(steps={self.steps}, error={exc})"
-
-    def check(self) -> None:
-        """Read the device evidence now and raise for non-finite values or excess drift."""
-        self._read_forward()
-        self._read_backward()
-
-    # The forward's evidence.
-    def start_forward(self, history: torch.Tensor) -> None:
-        self._history = history
-        self._read_rows = 0
-        self._residual = None
-
-    def read_forward_rows(self, last: int) -> float:
-        """Read the history rows not yet read, up to ``last`` (one sync), raise at the first non-finite
-        one, and return the relative residual after step ``last``."""
-        if last >= self._read_rows:
-            rows = self._history[self._read_rows:last + 1].tolist()
-            for i, row in enumerate(rows):
-                if not _all_finite(row):
-                    step = self._read_rows + i
-                    where = "evaluating f(z0)" if step == 0 else f"at step {step} of {self._options.max_steps}"
-                    raise FloatingPointError(
-                        f"{self._caller}: non-finite values in the forward pass {where}: f returned inf or NaN, "
-                        f"or the iteration diverged (beta={self._options.beta})")
-            self._read_rows = last + 1
-            self._residual = _relative(*rows[-1])
-        return self._residual
-
-    def _read_forward(self) -> float | None:
-        if self._history is None:
-            return None
-        return self.read_forward_rows(self.steps)
-
-    # The backward's evidence.
-    def set_backward(self, evidence: torch.Tensor) -> None:
-        self._backward = evidence
-        self._drift = None
-
-    def _read_backward(self) -> float | None:
-        if self._backward is None:
-            return None
-        if self._drift is None:
-            rows = self._backward.tolist()
-            drift = rows[0][0]
-            for step in range(len(rows) - 1, 0, -1):  # the order the backward visited them
-                if not _all_finite(rows[step]):
-                    raise FloatingPointError(
-                        f"{self._caller}: non-finite values in the backward pass at step {step} (the backward "
-                        f"visits steps {len(rows) - 1} down to 1): f or its vector-Jacobian product returned "
-                        f"inf or NaN, or the reconstruction diverged ({self._describe_states()})")
-            if not math.isfinite(drift):  # only y[0] and z[0] themselves can still be non-finite here
-                raise FloatingPointError(
-                    f"{self._caller}: non-finite values in the backward pass at step 1: the reconstruction of "
-                    f"the start diverged ({self._describe_states()})")
-            self._drift = drift
-            self._check_drift(drift)
-        return self._drift
-
-    def _describe_states(self) -> str:
-        o = self._options
-        return (f"beta={o.beta}, {self.steps} steps, {str(o.state_dtype).replace('torch.', '')} states; "
-                f"the inverse amplifies rounding by 1/|1-beta| = {1 / abs(1 - o.beta):.3g} per half-step")
-
-    def _check_drift(self, drift: float) -> None:
-        bound = self._options.max_drift
-        if bound is not None and drift > bound:
-            raise DriftError(
-                f"{self._caller}: the backward pass reconstructed the start state with relative drift "
-                f"{drift:.3e} > max_drift={bound:g} ({self._describe_states()}); use float64 states, fewer "
-                "steps, or beta closer to 0.5")
-        if bound is None and drift > DRIFT_WARN_BOUND and not _warned["drift"]:
-            _warned["drift"] = True
-            warnings.warn(
-                f"{self._caller}: the backward pass reconstructed the start state with relative drift "
-                f"{drift:.3e} ({self._describe_states()}); gradients may be inexact. Pass max_drift= to "
-                "turn this into an error; this warning is shown once", RuntimeWarning, stacklevel=2)
-
-
-class FloatStates:
-    """The two RevDEQ states held as contiguous floating tensors of ``state_dtype``.
-
-    This is the seam between the loops and the representation of a state: everything that knows how
-    a state is stored, updated in place, and shown to ``f`` (as a cast to ``compute_dtype``) is here.
-
-    Args:
-        y, z: state tensors of ``state_dtype`` (float64 or float32), same shape; owned and updated
-            in place.
-        compute_dtype: the dtype ``f`` sees; ``state_dtype`` must be able to hold it.
-        beta, backend: as for :func:`revdeq_kernels.relax_`.
-
-    Example:
-        >>> s = FloatStates.start(None, (4, 8), "cpu", torch.float64, torch.float32, 0.8, None)
-        >>> s.relax_("y", torch.randn(4, 8)); s.show("y").dtype
-        torch.float32
-    """
-
-    def __init__(self, y, z, compute_dtype, beta, backend):
-        self.y, self.z = y, z
-        self.compute_dtype = compute_dtype
-        self.beta, self.backend = beta, backend
-
-    @classmethod
-    def start(cls, start: torch.Tensor | None, shape, device, state_dtype, compute_dtype, beta,
-              backend) -> "FloatStates":
-        """Both states at ``start`` (None means zeros of ``shape`` on ``device``)."""
-        y = torch.zeros(shape, dtype=state_dtype, device=device)
-        if start is not None:
-            y.copy_(start)
-        return cls(y, y.clone(), compute_dtype, beta, backend)
-
-    def saved(self) -> tuple:
-        """The tensors that must outlive the forward for the backward to start from."""
-        return self.y, self.z
-
-    @classmethod
-    def from_saved(cls, saved, compute_dtype, beta, backend) -> "FloatStates":
-        """The states again from what :meth:`saved` returned (the backward updates them in place)."""
-        y, z = saved
-        return cls(y, z, compute_dtype, beta, backend)
-
-    def show(self, which: str) -> torch.Tensor:
-        """The state as f sees it: a cast to the compute dtype (a detached alias when they agree)."""
-        return getattr(self, which).detach().to(self.compute_dtype)
-
-    def show_for_grad(self, which: str) -> torch.Tensor:
-        """Like :meth:`show`, as a fresh leaf that requires grad (for one vector-Jacobian product)."""
-        return self.show(which).requires_grad_()
-
-    def relax_(self, which: str, f_val: torch.Tensor) -> None:
-        ops.relax_(getattr(self, which), f_val.detach(), self.beta, backend=self.backend)
-
-    def unrelax_(self, which: str, f_val: torch.Tensor) -> None:
-        ops.unrelax_(getattr(self, which), f_val.detach(), self.beta, backend=self.backend)
-
-    def residual(self, fz: torch.Tensor) -> torch.Tensor:
-        """[||z - fz||^2, ||fz||^2] on the device, float64 for float64 states."""
-        return ops.residual(self.z, fz.detach(), backend=self.backend)
-
-    def output(self) -> torch.Tensor:
-        """z in the compute dtype, as a fresh tensor: the states keep changing in the backward."""
-        return self.z.to(self.compute_dtype, copy=True)
-
-    def scale(self, start: torch.Tensor | None) -> torch.Tensor:
-        """max(|z|, |start|) as a device scalar (before the backward: |z| is the final state's)."""
-        scale = self.z.abs().amax() if self.z.numel() else self.z.new_zeros(())
-        if start is not None and start.numel():
-            scale = torch.maximum(scale, start.detach().abs().amax().to(scale.dtype))
-        return scale
-
-    def distance_to(self, start: torch.Tensor | None) -> torch.Tensor:
-        """max |state - start| over both states as a device scalar (start None means zeros)."""
-        if self.z.numel() == 0:
-            return self.z.new_zeros(())
-        if start is None:
-            return torch.maximum(self.y.abs().amax(), self.z.abs().amax())
-        s = start.detach().to(self.z.dtype)
-        return torch.maximum((self.y - s).abs().amax(), (self.z - s).abs().amax())
-
-
-class RngTape:
-    """The RNG states before each evaluation of ``f`` in the forward, replayed in the backward.
-
-    Covers the CPU generator and the CUDA generators of the devices the solve's tensors live on, as
-    torch.utils.checkpoint does. When the whole forward consumed no randomness, :meth:`finish` drops
-    the recorded states, so a deterministic ``f`` costs no memory per step.
-
-    Example:
-        >>> tape = RngTape([x]); tape.record(); out = f(z, x); tape.finish()
-        >>> with tape.forked(): tape.replay(0); out_again = f(z, x)
-    """
-
-    def __init__(self, tensors):
-        """``tensors``: whose CUDA devices' generators to cover; None records nothing (no backward)."""
-        self._cuda_devices = sorted({t.device.index if t.device.index is not None else torch.cuda.current_device()
-                                     for t in tensors or () if t.is_cuda})
-        self._states = [] if tensors is not None else None
-
-    def _snapshot(self):
-        return torch.get_rng_state(), tuple(torch.cuda.get_rng_state(d) for d in self._cuda_devices)
-
-    def _restore(self, snapshot) -> None:
-        cpu, cuda = snapshot
-        torch.set_rng_state(cpu)
-        for device, state in zip(self._cuda_devices, cuda):
-            torch.cuda.set_rng_state(state, device)
-
-    def record(self) -> None:
-        if self._states is not None:
-            self._states.append(self._snapshot())
-
-    def finish(self) -> None:
-        if self._states:
-            first, now = self._states[0], self._snapshot()
-            if torch.equal(first[0], now[0]) and all(map(torch.equal, first[1], now[1])):
-                self._states = None  # nothing drew random numbers: nothing to replay
-
-    @property
-    def stochastic(self) -> bool:
-        return bool(self._states)
-
-    def replay(self, evaluation: int) -> None:
-        if self._states:
-            self._restore(self._states[evaluation])
-
-    @contextlib.contextmanager
-    def forked(self):
-        """Run the block with replayed states, then put the caller's RNG states back."""
-        if not self._states:
-            yield
-            return
-        before = self._snapshot()
-        try:
-            yield
-        finally:
-            self._restore(before)
 
 
 class Problem:

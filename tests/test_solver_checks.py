@@ -12,8 +12,8 @@ from solver_cases import (
 )
 
 import revdeq_kernels as rk
-from revdeq_kernels import solver
-from revdeq_kernels.solver import DriftError
+from revdeq_kernels import DriftError
+from revdeq_kernels import info as solver_info
 
 rfp = rk.reversible_fixed_point
 needs_notes = pytest.mark.skipif(sys.version_info < (3, 11), reason="exception notes (add_note) need Python 3.11")
@@ -211,7 +211,7 @@ def test_drift_above_max_drift_raises_when_info_is_read_without_a_tolerance():
 
 
 def test_large_drift_warns_once_by_default(monkeypatch):
-    monkeypatch.setitem(solver._warned, "drift", False)
+    monkeypatch.setitem(solver_info._warned, "drift", False)
     c32 = TanhCell(dtype=torch.float32)
     x32 = randn(3, 6, dtype=torch.float32, requires_grad=True)
     with warnings.catch_warnings(record=True) as caught:
@@ -219,14 +219,14 @@ def test_large_drift_warns_once_by_default(monkeypatch):
         for _ in range(2):
             z, info = rfp(c32, x32, beta=0.8, max_steps=12, tol=None, state_dtype=torch.float32)
             z.sum().backward()
-            assert info["drift"] > solver.DRIFT_WARN_BOUND
+            assert info["drift"] > solver_info.DRIFT_WARN_BOUND
     drift_warnings = [w for w in caught if "relative drift" in str(w.message)]
     assert len(drift_warnings) == 1 and drift_warnings[0].category is RuntimeWarning
     assert "Pass max_drift= to turn this into an error" in str(drift_warnings[0].message)
 
 
 def test_small_drift_is_silent(monkeypatch):
-    monkeypatch.setitem(solver._warned, "drift", False)
+    monkeypatch.setitem(solver_info._warned, "drift", False)
     xg = x.clone().requires_grad_()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
