@@ -147,7 +147,7 @@ class SolverInfo(Mapping):
                     f"{self._caller}: non-finite values in the backward pass at step 1: the reconstruction of "
                     f"the start diverged ({self._describe_states()})")
             self._drift = drift
-            self._check_drift(drift)
+        self._check_drift(self._drift)  # on every read: an error stays an error
         return self._drift
 
     def _describe_states(self) -> str:
