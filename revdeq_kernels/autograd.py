@@ -1,0 +1,204 @@
+"""The torch.autograd.Function that connects the reversible solver (solver.py) to autograd.
+
+One Function runs the whole backward and returns every gradient (it never calls ``.backward()``
+inside), so it composes with DistributedDataParallel, ``torch.autograd.grad`` and saved-tensor
+hooks. What it saves: the two final states, z0 when given, and its inputs (x and params), never
+a graph of ``f``.
+"""
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from . import solver
+from .info import SolverInfo
+from .solver import Problem, SolverOptions
+from .states import FloatStates
+
+FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+
+
+class _Autocast:
+    """The autocast state of the forward, re-entered by the backward so f is evaluated alike."""
+
+    def __init__(self, device_type: str):
+        self.device_type = device_type
+        self.enabled = torch.is_autocast_enabled(device_type)
+        self.dtype = torch.get_autocast_dtype(device_type) if self.enabled else None
+
+    def __call__(self):
+        return torch.autocast(self.device_type, dtype=self.dtype, enabled=self.enabled)
+
+
+class ReversibleFixedPoint(torch.autograd.Function):
+    """``apply(problem, info, z0, *x_tensors, *params) -> z``; see :func:`reversible_fixed_point`."""
+
+    @staticmethod
+    def forward(ctx, problem: Problem, info: SolverInfo, z0, *tensors):
+        x_tensors = tensors[:problem.n_x]
+        declared = [t for t in tensors if t.requires_grad] if problem.check_closures else None
+        result = solver.forward(problem, info, problem.pack_x(x_tensors), x_tensors, z0, declared)
+        ctx.problem, ctx.info = problem, info
+        ctx.steps, ctx.tape = result.steps, result.tape
+        ctx.autocast = _Autocast(problem.device.type)
+        ctx.consumed = False
+        saved_states = result.states.saved()
+        ctx.n_saved_states = len(saved_states)
+        ctx.save_for_backward(*saved_states, z0, *tensors)
+        return result.states.output()
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_z):
+        problem = ctx.problem
+        if ctx.consumed:
+            raise RuntimeError(
+                f"{problem.caller}: backward already ran through this solve; it reconstructs the states in place, "
+                "so a second backward over the same graph (retain_graph=True) is not supported. Run the solver "
+                "again for each backward")
+        ctx.consumed = True
+        saved = ctx.saved_tensors
+        n = ctx.n_saved_states
+        z0, tensors = saved[n], saved[n + 1:]
+        x_tensors, params = tensors[:problem.n_x], tensors[problem.n_x:]
+        needs = ctx.needs_input_grad
+        states = FloatStates.from_saved(saved[:n], problem.compute_dtype, problem.options.beta,
+                                        problem.options.backend)
+        with ctx.autocast():
+            grad_z0, grad_x, grad_params = solver.backward(
+                problem, ctx.info, states, ctx.steps, ctx.tape, grad_z, z0,
+                x_tensors, needs[3:3 + problem.n_x], params, needs[3 + problem.n_x:], needs[2])
+        ctx.tape = None
+        return (None, None, grad_z0, *grad_x, *grad_params)
+
+
+def _x_tensors(caller: str, x):
+    """(kind, tensors) for x: one tensor, or a tuple/list of tensors."""
+    if isinstance(x, torch.Tensor):
+        return "tensor", [x]
+    if isinstance(x, (tuple, list)):
+        for i, t in enumerate(x):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{caller}: x must be a tensor or a tuple of tensors, but x[{i}] is a "
+                                f"{type(t).__name__}")
+        return type(x), list(x)
+    raise TypeError(f"{caller}: x must be a tensor or a tuple of tensors, got {type(x).__name__}")
+
+
+def _params(caller: str, f, params, x_tensors):
+    if params is None:
+        params = f.parameters() if isinstance(f, torch.nn.Module) else ()
+    elif isinstance(params, torch.Tensor):
+        raise TypeError(f"{caller}: params must be an iterable of tensors (e.g. a list), got a single Tensor")
+    seen = {id(t) for t in x_tensors}  # a tensor passed twice would get its gradient twice
+    unique = []
+    for i, p in enumerate(params):
+        if not isinstance(p, torch.Tensor):
+            raise TypeError(f"{caller}: params must hold tensors, but element {i} is a {type(p).__name__}")
+        if p.requires_grad and id(p) not in seen:
+            seen.add(id(p))
+            unique.append(p)
+    return unique
+
+
+def _state_layout(caller, x_tensors, z0, options):
+    """(shape, device, compute dtype) of the state: from z0 when given, else from x."""
+    if z0 is not None:
+        if not isinstance(z0, torch.Tensor):
+            raise TypeError(f"{caller}: z0 must be a torch.Tensor or None, got {type(z0).__name__}")
+        if z0.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{caller}: z0 must have dtype float64, float32, float16 or bfloat16, got {z0.dtype}")
+        shape, device, compute = z0.shape, z0.device, z0.dtype
+    else:
+        if not x_tensors:
+            raise ValueError(f"{caller}: z0 is None and x holds no tensor to take the state's shape from; pass z0")
+        shape, device = x_tensors[0].shape, x_tensors[0].device
+        floating = [t.dtype for t in x_tensors if t.dtype.is_floating_point]
+        compute = floating[0] if floating else torch.get_default_dtype()
+    if torch.promote_types(options.state_dtype, compute) != options.state_dtype:
+        raise TypeError(f"{caller}: state_dtype {options.state_dtype} cannot hold f's dtype {compute} (z0's dtype, "
+                        "else x's); use state_dtype=torch.float64")
+    return shape, device, compute
+
+
+def solve(f, x, *, z0=None, params=None, options: SolverOptions, caller: str = "reversible_fixed_point"):
+    """:func:`reversible_fixed_point` with validated options (RevDEQ calls this with its own)."""
+    if not callable(f):
+        raise TypeError(f"{caller}: f must be callable as f(z, x), got {type(f).__name__}")
+    x_kind, x_tensors = _x_tensors(caller, x)
+    shape, device, compute = _state_layout(caller, x_tensors, z0, options)
+    explicit_params = params is not None
+    params = _params(caller, f, params, x_tensors)
+    # A closure may hide tensors that require grad from us; a Module's own parameters cannot hide.
+    check_closures = torch.is_grad_enabled() and (explicit_params or not isinstance(f, torch.nn.Module))
+    problem = Problem(caller, f, x_kind, len(x_tensors), shape, device, compute, z0 is None, options,
+                      check_closures)
+    info = SolverInfo(caller, options)
+    tensors = [*x_tensors, *params]
+    wants_grad = torch.is_grad_enabled() and (
+        any(t.requires_grad for t in tensors) or (z0 is not None and z0.requires_grad))
+    if wants_grad:
+        z = ReversibleFixedPoint.apply(problem, info, z0, *tensors)
+    else:
+        declared = [] if problem.check_closures else None
+        with torch.no_grad():
+            result = solver.forward(problem, info, x, x_tensors, z0, declared, keep_rng=False)
+        z = result.states.output()
+    return z, info
+
+
+def reversible_fixed_point(f, x, *, z0=None, beta=0.8, max_steps=30, tol=1e-3, params=None, check_every=1,
+                           state_dtype=torch.float64, max_drift=None, backend=None):
+    """Solve ``z = f(z, x)`` with the reversible RevDEQ iteration; exact gradients in O(1) memory.
+
+    Runs ``y = (1-beta) y + beta f(z, x); z = (1-beta) z + beta f(y, x)`` from ``y = z = z0`` until
+    ``||z - f(z)|| / ||f(z)|| <= tol`` or ``max_steps``. The backward inverts the iteration in place
+    and returns the gradient of the unrolled loop (the same steps) exactly, without storing any
+    activation of ``f``: memory does not grow with the number of steps.
+
+    Args:
+        f: callable ``f(z, x) -> Tensor`` shaped like ``z``, e.g. an ``nn.Module``. It may use dropout
+            (each evaluation's RNG state is replayed in the backward) and BatchNorm-style buffers
+            (restored after the backward's re-evaluations when ``f`` is an ``nn.Module``).
+        x: a tensor or a tuple of tensors, passed to ``f`` as given. Gradients flow to each tensor that
+            requires grad.
+        z0: the start, or None for zeros shaped like x (its first tensor if x is a tuple); pass z0
+            when ``f``'s state has another shape. Gradients flow to it when it requires grad.
+        beta: relaxation in (0, 2), not 1. The inverse amplifies rounding by ``1/|1-beta|`` per
+            half-step, so beta near 0.5 reconstructs best.
+        max_steps: at most this many steps (each evaluates ``f`` twice); at least one is taken.
+        tol: stop once the relative residual is at most ``tol``; ``None`` runs exactly ``max_steps``
+            steps with no host synchronisation at all in forward or backward.
+        params: the tensors ``f`` uses that should get gradients; default: ``f.parameters()`` when
+            ``f`` is an ``nn.Module``. A closure passes the tensors it uses; a closure that hides a
+            tensor requiring grad gets a clear error instead of a silently missing gradient.
+        check_every: with a ``tol``, read the residual back (one sync) every this many steps.
+        state_dtype: ``torch.float64`` (default; gradients stay exact for far more steps) or
+            ``torch.float32`` (faster, drifts after 8-16 steps). It must hold the compute dtype.
+        max_drift: raise :class:`~revdeq_kernels.DriftError` when the backward's reconstructed
+            start is further than this (relative) from the true one; None warns once above 0.1.
+        backend: the backend of the fused ops (``None``/``"auto"``, ``"cuda"``, ``"triton"``,
+            ``"cpp"``, ``"reference"``).
+
+    Dtypes: ``f`` sees the state cast to the compute dtype (z0's dtype when given, else the first
+    floating tensor of x, else the default dtype) and must return that dtype, or a less precise one
+    under ``torch.autocast``. ``z`` is returned in the compute dtype.
+
+    Returns:
+        ``(z, info)``: ``z`` shaped like the state; ``info`` a :class:`~revdeq_kernels.info.SolverInfo`
+        with ``"steps"``, ``"residual"`` and, after backward, ``"drift"``. Non-finite values from ``f``
+        raise ``FloatingPointError`` naming the pass and step: inside the pass when ``tol`` is set,
+        when ``info`` is read when ``tol=None``.
+
+    Double backward (``create_graph=True`` then differentiating again) is not supported and raises.
+
+    Example:
+        >>> f = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.Tanh())
+        >>> cell = lambda z, x: f(z) + x
+        >>> x = torch.randn(8, 16, requires_grad=True)
+        >>> z, info = reversible_fixed_point(cell, x, params=list(f.parameters()))
+        >>> z.square().sum().backward(); info["steps"], info["drift"]
+    """
+    options = SolverOptions.make("reversible_fixed_point", beta=beta, max_steps=max_steps, tol=tol,
+                                 check_every=check_every, state_dtype=state_dtype, max_drift=max_drift,
+                                 backend=backend)
+    return solve(f, x, z0=z0, params=params, options=options)

@@ -1,0 +1,170 @@
+"""SolverInfo: what one solve did, read lazily from the device, and the checks made when it is read.
+
+The solver leaves its evidence on the device (the residual after every forward step, NaN-propagating
+residuals per backward step, the drift); reading it costs one host synchronisation per pass, and that is
+where non-finite values and excess drift are reported.
+"""
+
+import math
+import warnings
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from .solver import SolverOptions
+
+# Default bound on the reported drift above which the backward warns (once per process). The
+# reversed iteration amplifies rounding by 1/|1-beta| per half-step while the adjoints shrink, so the
+# start state is always the worst-reconstructed point: gradients stay close to stored-activation
+# backprop while the drift is well below 1, and go wrong (1e-3 and worse) once it is O(1) or more
+# (benchmarks/drift_table.py measures both).
+DRIFT_WARN_BOUND = 0.1
+_warned = {"drift": False}
+
+
+class DriftError(RuntimeError):
+    """The backward pass reconstructed the start state further from the truth than ``max_drift``."""
+
+
+def _relative(d2: float, f2: float) -> float:
+    """||z - f(z)|| / ||f(z)|| from the two squared norms; 0 when both are 0."""
+    if f2 > 0.0:
+        return math.sqrt(d2 / f2)
+    return 0.0 if d2 == 0.0 else math.inf
+
+
+def _all_finite(row) -> bool:
+    return all(math.isfinite(v) for v in row)
+
+
+class SolverInfo(Mapping):
+    """What one solve did, read lazily from the device.
+
+    Keys:
+        ``"steps"``: int, the forward steps taken (each evaluates ``f`` twice); known without a sync.
+        ``"residual"``: float, ``||z - f(z)|| / ||f(z)||`` at the returned ``z``.
+        ``"drift"``: float, after backward: ``max |reconstructed start - z0| / max(|z|, |z0|)``;
+        None before the backward ran.
+
+    With ``tol=None`` the solver never synchronises; reading ``"residual"`` or ``"drift"`` (or calling
+    :meth:`check`) copies the device evidence to the host once, and that is when non-finite values
+    from ``f`` raise ``FloatingPointError`` (naming the pass and the step) and a drift above
+    ``max_drift`` raises :class:`DriftError`. With a tolerance these checks run inside the passes.
+
+    Example:
+        >>> z, info = reversible_fixed_point(f, x)
+        >>> info["steps"], info["residual"]
+        (12, 0.00094)
+    """
+
+    _KEYS = ("steps", "residual", "drift")
+
+    def __init__(self, caller: str, options: "SolverOptions"):
+        self._caller = caller
+        self._options = options
+        self.steps = 0
+        self._history = None  # (max_steps + 1, 2): [||z - f(z)||^2, ||f(z)||^2] after each step
+        self._read_rows = 0  # history rows already checked on the host
+        self._residual = None
+        self._backward = None  # (steps + 1, 4): NaN-propagating evidence per backward step, drift last
+        self._drift = None
+
+    # Mapping interface: the three keys, always present.
+    def __getitem__(self, key):
+        if key == "steps":
+            return self.steps
+        if key == "residual":
+            return self._read_forward()
+        if key == "drift":
+            return self._read_backward()
+        raise KeyError(key)
+
+    def __iter__(self):
+        return iter(self._KEYS)
+
+    def __len__(self):
+        return len(self._KEYS)
+
+    def __repr__(self):
+        try:
+            return f"SolverInfo({dict(self)})"
+        except (FloatingPointError, DriftError) as exc:  # printing must not raise
+            return f"SolverInfo(steps={self.steps}, error={exc})"
+
+    def check(self) -> None:
+        """Read the device evidence now and raise for non-finite values or excess drift."""
+        self._read_forward()
+        self._read_backward()
+
+    # The forward's evidence.
+    def start_forward(self, history: torch.Tensor) -> None:
+        self._history = history
+        self._read_rows = 0
+        self._residual = None
+
+    def read_forward_rows(self, last: int) -> float:
+        """Read the history rows not yet read, up to ``last`` (one sync), raise at the first non-finite
+        one, and return the relative residual after step ``last``."""
+        if last >= self._read_rows:
+            rows = self._history[self._read_rows:last + 1].tolist()
+            for i, row in enumerate(rows):
+                if not _all_finite(row):
+                    step = self._read_rows + i
+                    where = "evaluating f(z0)" if step == 0 else f"at step {step} of {self._options.max_steps}"
+                    raise FloatingPointError(
+                        f"{self._caller}: non-finite values in the forward pass {where}: f returned inf or NaN, "
+                        f"or the iteration diverged (beta={self._options.beta})")
+            self._read_rows = last + 1
+            self._residual = _relative(*rows[-1])
+        return self._residual
+
+    def _read_forward(self) -> float | None:
+        if self._history is None:
+            return None
+        return self.read_forward_rows(self.steps)
+
+    # The backward's evidence.
+    def set_backward(self, evidence: torch.Tensor) -> None:
+        self._backward = evidence
+        self._drift = None
+
+    def _read_backward(self) -> float | None:
+        if self._backward is None:
+            return None
+        if self._drift is None:
+            rows = self._backward.tolist()
+            drift = rows[0][0]
+            for step in range(len(rows) - 1, 0, -1):  # the order the backward visited them
+                if not _all_finite(rows[step]):
+                    raise FloatingPointError(
+                        f"{self._caller}: non-finite values in the backward pass at step {step} (the backward "
+                        f"visits steps {len(rows) - 1} down to 1): f or its vector-Jacobian product returned "
+                        f"inf or NaN, or the reconstruction diverged ({self._describe_states()})")
+            if not math.isfinite(drift):  # only y[0] and z[0] themselves can still be non-finite here
+                raise FloatingPointError(
+                    f"{self._caller}: non-finite values in the backward pass at step 1: the reconstruction of "
+                    f"the start diverged ({self._describe_states()})")
+            self._drift = drift
+        self._check_drift(self._drift)  # on every read: an error stays an error
+        return self._drift
+
+    def _describe_states(self) -> str:
+        o = self._options
+        return (f"beta={o.beta}, {self.steps} steps, {str(o.state_dtype).replace('torch.', '')} states; "
+                f"the inverse amplifies rounding by 1/|1-beta| = {1 / abs(1 - o.beta):.3g} per half-step")
+
+    def _check_drift(self, drift: float) -> None:
+        bound = self._options.max_drift
+        if bound is not None and drift > bound:
+            raise DriftError(
+                f"{self._caller}: the backward pass reconstructed the start state with relative drift "
+                f"{drift:.3e} > max_drift={bound:g} ({self._describe_states()}); use float64 states, fewer "
+                "steps, or beta closer to 0.5")
+        if bound is None and drift > DRIFT_WARN_BOUND and not _warned["drift"]:
+            _warned["drift"] = True
+            warnings.warn(
+                f"{self._caller}: the backward pass reconstructed the start state with relative drift "
+                f"{drift:.3e} ({self._describe_states()}); gradients may be inexact. Pass max_drift= to "
+                "turn this into an error; this warning is shown once", RuntimeWarning, stacklevel=2)

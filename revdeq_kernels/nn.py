@@ -1,0 +1,53 @@
+"""RevDEQ: an nn.Module that swaps a reversible fixed-point solve in for a stack of layers."""
+
+import torch
+
+from .autograd import solve
+from .solver import SolverOptions
+
+
+class RevDEQ(torch.nn.Module):
+    """A deep equilibrium layer: returns ``z`` with ``z = f(z, x)``, solved by the reversible RevDEQ
+    iteration with exact gradients in memory that does not grow with ``max_steps``.
+
+    Args:
+        f: ``nn.Module`` called as ``f(z, x)`` and returning a tensor shaped like ``z``. Its
+            parameters get gradients; its buffers (e.g. BatchNorm statistics) are restored after the
+            backward's re-evaluations; dropout inside it is replayed exactly.
+        beta, max_steps, tol, check_every, state_dtype, max_drift, backend: as for
+            :func:`~revdeq_kernels.reversible_fixed_point`, validated here once.
+
+    ``forward(x, z0=None)``: ``x`` a tensor or tuple of tensors, ``z0`` the start (default zeros
+    shaped like x's first tensor). Returns ``z`` in z0's dtype (else x's). The last call's
+    :class:`~revdeq_kernels.info.SolverInfo` is kept as ``self.info``.
+
+    Example:
+        >>> class Cell(torch.nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__(); self.lin = torch.nn.Linear(64, 64)
+        ...     def forward(self, z, x):
+        ...         return torch.tanh(self.lin(z) + x)
+        >>> deq = RevDEQ(Cell(), beta=0.5, max_steps=20)
+        >>> z = deq(torch.randn(32, 64)); deq.info["steps"]
+    """
+
+    def __init__(self, f: torch.nn.Module, beta=0.8, max_steps=30, tol=1e-3, *, check_every=1,
+                 state_dtype=torch.float64, max_drift=None, backend=None):
+        super().__init__()
+        if not isinstance(f, torch.nn.Module):
+            raise TypeError(f"RevDEQ: f must be an nn.Module called as f(z, x), got {type(f).__name__}; for a "
+                            "plain function use reversible_fixed_point(f, x, params=[...])")
+        self.f = f
+        self.options = SolverOptions.make("RevDEQ", beta=beta, max_steps=max_steps, tol=tol,
+                                          check_every=check_every, state_dtype=state_dtype,
+                                          max_drift=max_drift, backend=backend)
+        self.info = None
+
+    def forward(self, x, z0=None):
+        z, self.info = solve(self.f, x, z0=z0, options=self.options, caller="RevDEQ")
+        return z
+
+    def extra_repr(self) -> str:
+        o = self.options
+        return (f"beta={o.beta}, max_steps={o.max_steps}, tol={o.tol}, check_every={o.check_every}, "
+                f"state_dtype={o.state_dtype}")
