@@ -45,8 +45,8 @@ Remainders
     half-step, an int32 buffer of shape ``(m, ceil(n / 32))`` (:func:`remainder_shape`) holds
     bit b of element i's remainder in bit ``i % 32`` of word ``[b, i // 32]``; i is the element's
     index in row-major (logical) order, bits past n are zero. Each 32-element group owns its words,
-    so backends write them without races: a loop in C++, one ``__ballot_sync`` per plane in a CUDA
-    warp, a 32-wide sum in Triton. A solver allocates all half-steps at once,
+    so backends write them without races: a loop in C++, a 32 x 32 bit transpose across a CUDA warp,
+    a 32-wide sum in Triton. A solver allocates all half-steps at once,
     :func:`remainder_buffer` ``(half_steps, m, ceil(n / 32))``, and passes one slice per call.
 
 Errors, without a host sync per step

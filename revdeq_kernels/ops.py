@@ -207,13 +207,15 @@ def available_backends() -> dict:
 
     Returns a dict: ``{"cpu": [...], "cuda": [...]}`` list the backends usable for that device type
     in the order ``auto`` tries them (the first one is the default), and ``"unavailable"`` maps
-    ``"name (device type)"`` to the reason it cannot run there.
+    ``"name (device type)"`` to the reason it cannot run there. ``"exact"`` does the same for exact
+    mode (relax_fixed_ / unrelax_fixed_): ``{"cpu": [...], "cuda": [...]}``, and a backend that serves
+    the float ops but not exact mode appears in ``"unavailable"`` as ``"name (device type, exact mode)"``.
 
     Example:
-        >>> available_backends()["cpu"]
-        ['cpp', 'reference']
+        >>> available_backends()["cpu"], available_backends()["exact"]["cpu"]
+        (['cpp', 'reference'], ['cpp', 'reference'])
     """
-    report = {"cpu": [], "cuda": [], "unavailable": {}}
+    report = {"cpu": [], "cuda": [], "unavailable": {}, "exact": {"cpu": [], "cuda": []}}
     for device_type in ("cpu", "cuda"):
         listed = list(backends.auto_order(device_type))
         listed += [n for n in backends.NAMES if n not in listed]  # usable by name only
@@ -221,6 +223,11 @@ def available_backends() -> dict:
             reason = backends.unavailable_reason(name, device_type)
             if reason is None:
                 report[device_type].append(name)
+                fixed_reason = backends.unavailable_reason(name, device_type, "fixed")
+                if fixed_reason is None:
+                    report["exact"][device_type].append(name)
+                else:
+                    report["unavailable"][f"{name} ({device_type}, exact mode)"] = fixed_reason
             elif not reason.startswith("it serves"):
                 report["unavailable"][f"{name} ({device_type})"] = reason
     return report

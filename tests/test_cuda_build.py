@@ -1,9 +1,12 @@
 """Compile-time checks of the CUDA backend that need nvcc but no GPU, so CI runs them on every push.
 
 - tools/cuda_check.py: every kernel compiles for sm_80 and sm_90 without spilling to local memory.
-- The launcher csrc/cuda/ops_cuda.cpp compiles against the torch and CUDA headers (g++ -fsyntax-only).
+- The launchers csrc/cuda/ops_cuda.cpp and fixed_cuda.cpp compile against the torch and CUDA headers
+  (g++ -fsyntax-only).
 - The host-side split of n elements into a scalar head, 16-byte packs and a scalar tail (common.cuh)
   covers every element once with aligned packs, for every dtype pair and offset (a host program).
+- The exact-mode kernels' bit transpose (fixed_pack.cuh) packs remainders into the bit planes of
+  revdeq_kernels/fixed_point.py and unpacks them again, for every m (a host program emulating a warp).
 """
 
 import importlib.util
@@ -22,6 +25,12 @@ KERNELS = ("affine_update_kernel", "residual_kernel")
 # The (state, f) template arguments every kernel is instantiated for: tests/op_cases.py DTYPE_PAIRS.
 PAIRS = ("double, double", "double, float", "double, __half", "double, __nv_bfloat16", "float, float",
          "float, __half", "float, __nv_bfloat16", "__half, __half", "__nv_bfloat16, __nv_bfloat16")
+# Exact mode (fixed.cu): one kernel per f dtype, the state is always int64.
+FIXED_KERNELS = ("relax_fixed_kernel", "unrelax_fixed_kernel")
+F_TYPES = ("double", "float", "__half", "__nv_bfloat16")
+EXPECTED_KERNELS = [f"{kernel}<{pair}>" for kernel in KERNELS for pair in PAIRS] + [
+    f"{kernel}<{f}>" for kernel in FIXED_KERNELS for f in F_TYPES]
+LAUNCHERS = ("ops_cuda.cpp", "fixed_cuda.cpp")
 
 
 def _load_cuda_check():
@@ -47,8 +56,8 @@ def _cuda_include_dir():
     return None
 
 
-def _syntax_check_launcher():
-    """g++ -fsyntax-only on ops_cuda.cpp with the flags the extension build gives it."""
+def _syntax_check_launcher(launcher):
+    """g++ -fsyntax-only on csrc/cuda/<launcher> with the flags the extension build gives it."""
     import torch.utils.cpp_extension as cpp_extension
 
     cxx = shutil.which("g++") or shutil.which("c++")
@@ -62,7 +71,7 @@ def _syntax_check_launcher():
            "-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE", f"-I{os.path.join(ROOT, 'csrc')}"]
     for include in [*cpp_extension.include_paths(), sysconfig.get_paths()["include"], _cuda_include_dir()]:
         cmd += ["-isystem", include]
-    cmd.append(os.path.join(ROOT, "csrc", "cuda", "ops_cuda.cpp"))
+    cmd.append(os.path.join(ROOT, "csrc", "cuda", launcher))
     proc = subprocess.run(cmd, capture_output=True, text=True)
     return proc.returncode, f"$ {' '.join(cmd)}\n{proc.stdout}{proc.stderr}"
 
@@ -173,11 +182,78 @@ int main() {
 """
 
 
-def _run_span_check(workdir):
-    source = os.path.join(workdir, "span_check.cu")
-    binary = os.path.join(workdir, "span_check")
+FIXED_PACK_CHECK = r"""
+// Host-side check of csrc/cuda/fixed_pack.cuh: a warp emulated lane by lane transposes bit matrices,
+// packs a tile's remainders into the words revdeq_kernels/fixed_point.py defines (bit b of element i
+// in bit i % 32 of word [b, i / 32]), and unpacks them again, for every m.
+#include <cstdio>
+#include <random>
+
+#include "cuda/fixed_pack.cuh"
+
+using namespace revdeq::cuda::fixed_pack;
+static int failures = 0;
+#define EXPECT(cond, ...) \
+  do { \
+    if (!(cond) && ++failures <= 20) { std::printf(__VA_ARGS__); std::printf("\n"); } \
+  } while (0)
+
+// transpose_bits as the warp runs it: every lane takes each step with its partner's row.
+static void transpose(uint32_t (&rows)[kLanes]) {
+  for (int step = 0; step < 5; ++step) {
+    uint32_t next[kLanes];
+    for (int lane = 0; lane < kLanes; ++lane)
+      next[lane] = transpose_step(rows[lane], rows[lane ^ (kLanes / 2 >> step)], lane, step);
+    for (int lane = 0; lane < kLanes; ++lane) rows[lane] = next[lane];
+  }
+}
+
+int main() {
+  std::mt19937 rng(7);
+  for (int trial = 0; trial < 256; ++trial) {
+    uint32_t matrix[kLanes], t[kLanes];
+    for (int l = 0; l < kLanes; ++l) t[l] = matrix[l] = rng();
+    transpose(t);
+    for (int k = 0; k < kLanes; ++k)
+      for (int l = 0; l < kLanes; ++l)
+        EXPECT(((t[k] >> l) & 1u) == ((matrix[l] >> k) & 1u), "trial %d: bit %d of column %d is wrong", trial, l, k);
+    transpose(t);
+    for (int l = 0; l < kLanes; ++l) EXPECT(t[l] == matrix[l], "trial %d: transposing twice changed row %d", trial, l);
+
+    // A tile of remainders with m bits each; lane l of group g holds element 32 * g + l of the tile.
+    const int m = 1 + trial % kPlanes;
+    uint32_t r[kGroups][kLanes], rows[kLanes] = {};
+    for (int g = 0; g < kGroups; ++g)
+      for (int l = 0; l < kLanes; ++l) {
+        r[g][l] = rng() & ((1u << m) - 1);
+        rows[l] |= r[g][l] << row_bit(g, 0);
+      }
+    transpose(rows);
+    for (int k = 0; k < kLanes; ++k) {
+      const int plane = word_plane(k), group = word_group(k);
+      uint32_t want = 0;  // word `group` of the tile in plane `plane`: bit l is bit plane of element 32 * group + l
+      for (int l = 0; l < kLanes; ++l) want |= ((r[group][l] >> plane) & 1u) << l;
+      EXPECT(rows[k] == want, "m=%d: lane %d holds %08x, want %08x (plane %d, group %d)", m, k, rows[k], want, plane,
+             group);
+      if (plane >= m) EXPECT(rows[k] == 0, "m=%d: lane %d holds bits of plane %d", m, k, plane);
+    }
+    transpose(rows);  // the inverse: lanes load their words and transpose back
+    for (int g = 0; g < kGroups; ++g)
+      for (int l = 0; l < kLanes; ++l)
+        EXPECT(((rows[l] >> row_bit(g, 0)) & ((1u << kPlanes) - 1)) == r[g][l], "m=%d: element %d unpacked wrong", m,
+               kLanes * g + l);
+  }
+  if (failures == 0) std::printf("fixed pack check OK\n");
+  return failures == 0 ? 0 : 1;
+}
+"""
+
+
+def _run_host_check(workdir, name, program):
+    source = os.path.join(workdir, f"{name}.cu")
+    binary = os.path.join(workdir, name)
     with open(source, "w") as fh:
-        fh.write(SPAN_CHECK)
+        fh.write(program)
     cmd = [NVCC, "-std=c++17", "-O1", f"-I{os.path.join(ROOT, 'csrc')}", source, "-o", binary]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -186,15 +262,21 @@ def _run_span_check(workdir):
     return run.returncode, run.stdout + run.stderr
 
 
+def _run_span_check(workdir):
+    return _run_host_check(workdir, "span_check", SPAN_CHECK)
+
+
 @pytest.fixture(scope="module")
 def compiled(tmp_path_factory):
-    """All three compiles at once: they are independent and each is mostly one process."""
+    """All the compiles at once: they are independent and each is mostly one process."""
     workdir = str(tmp_path_factory.mktemp("cuda_build"))
     with ThreadPoolExecutor(max_workers=3) as pool:
         report = pool.submit(cuda_check.check, "8.0;9.0", NVCC)
-        launcher = pool.submit(_syntax_check_launcher)
+        launchers = {name: pool.submit(_syntax_check_launcher, name) for name in LAUNCHERS}
         span = pool.submit(_run_span_check, workdir)
-        return {"report": report.result(), "launcher": launcher.result(), "span": span.result()}
+        pack = pool.submit(_run_host_check, workdir, "fixed_pack_check", FIXED_PACK_CHECK)
+        return {"report": report.result(), "span": span.result(), "pack": pack.result(),
+                **{name: future.result() for name, future in launchers.items()}}
 
 
 def test_every_kernel_compiles_for_sm80_and_sm90_without_spills(compiled):
@@ -202,18 +284,18 @@ def test_every_kernel_compiles_for_sm80_and_sm90_without_spills(compiled):
     table = cuda_check.format_report(report)
     assert not report.errors, table
     found = {(k.arch, k.name) for k in report.kernels}
-    missing = [(arch, f"{kernel}<{pair}>") for arch in ARCHS for kernel in KERNELS for pair in PAIRS
-               if (arch, f"{kernel}<{pair}>") not in found]
+    missing = [(arch, name) for arch in ARCHS for name in EXPECTED_KERNELS if (arch, name) not in found]
     assert not missing, f"kernels not found in the ptxas output: {missing}\n{table}"
-    assert len(report.kernels) == len(ARCHS) * len(KERNELS) * len(PAIRS), table
+    assert len(report.kernels) == len(ARCHS) * len(EXPECTED_KERNELS), table
     spilled = [f"{k.arch} {k.name}" for k in report.kernels if k.uses_local_memory]
     assert not spilled, f"kernels using local memory: {spilled}\n{table}"
     assert all(0 < k.registers <= 64 for k in report.kernels), table
     assert report.ok
 
 
-def test_launcher_compiles_against_torch_and_cuda_headers(compiled):
-    rc, output = compiled["launcher"]
+@pytest.mark.parametrize("launcher", LAUNCHERS)
+def test_launcher_compiles_against_torch_and_cuda_headers(compiled, launcher):
+    rc, output = compiled[launcher]
     if rc is None:
         pytest.skip(f"cannot syntax-check the launcher: {output}")
     assert rc == 0, output
@@ -222,6 +304,11 @@ def test_launcher_compiles_against_torch_and_cuda_headers(compiled):
 def test_span_plan_covers_every_element_once_with_aligned_packs(compiled):
     rc, output = compiled["span"]
     assert rc == 0 and "span check OK" in output, output
+
+
+def test_fixed_pack_transposes_remainders_into_bit_planes(compiled):
+    rc, output = compiled["pack"]
+    assert rc == 0 and "fixed pack check OK" in output, output
 
 
 def test_cuda_check_fails_on_a_spill(tmp_path):

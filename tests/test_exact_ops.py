@@ -520,8 +520,7 @@ def test_empty_tensors_are_a_no_op(backend):
 
 
 def test_backend_without_fixed_kernels_raises_by_name_and_is_skipped_by_auto(monkeypatch):
-    # A backend module that implements only the float ops (as Triton and CUDA do until their
-    # exact-mode kernels land).
+    # A backend module that implements only the float ops.
     float_only = types.SimpleNamespace(unavailable_reason=lambda device_type: None)
     real_load = backends.load
     monkeypatch.setattr(backends, "load", lambda name: float_only if name == "cpp" else real_load(name))

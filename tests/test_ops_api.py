@@ -114,7 +114,7 @@ def test_empty_tensors(backend, shape):
 
 def test_available_backends_report():
     report = rk.available_backends()
-    assert set(report) == {"cpu", "cuda", "unavailable"}
+    assert set(report) == {"cpu", "cuda", "unavailable", "exact"}
     assert "reference" in report["cpu"]
     if extension.loaded():
         assert report["cpu"][0] == "cpp"
@@ -124,6 +124,24 @@ def test_available_backends_report():
         assert "cuda (cuda)" in report["unavailable"]
     for where, reason in report["unavailable"].items():
         assert isinstance(reason, str) and reason, where
+    # Exact mode: the backends that serve it, in auto's order, among those that serve the float ops.
+    assert set(report["exact"]) == {"cpu", "cuda"}
+    for device_type in ("cpu", "cuda"):
+        served = report["exact"][device_type]
+        assert served == [name for name in report[device_type] if name in served], report
+    assert report["exact"]["cpu"][0] == report["cpu"][0] and "reference" in report["exact"]["cpu"]
+
+
+def test_available_backends_names_backends_without_exact_mode(monkeypatch):
+    from revdeq_kernels import backends
+
+    float_only = type("FloatOnly", (), {"unavailable_reason": staticmethod(lambda device_type: None)})
+    real_load = backends.load
+    monkeypatch.setattr(backends, "load", lambda name: float_only if name == "reference" else real_load(name))
+    report = rk.available_backends()
+    assert "reference" in report["cpu"] and "reference" not in report["exact"]["cpu"], report
+    reason = report["unavailable"]["reference (cpu, exact mode)"]
+    assert "no fixed-point (exact mode) kernels" in reason, reason
 
 
 def test_env_var_selects_backend(monkeypatch):

@@ -34,4 +34,22 @@ cudaError_t residual_workspace_bytes(size_t* bytes);
 cudaError_t residual(const void* z, DType z_dtype, const void* f, DType f_dtype, int64_t n, void* out,
                      void* workspace, size_t workspace_bytes, cudaStream_t stream);
 
+// Exact mode (revdeq_kernels/fixed_point.py; element arithmetic in csrc/fixed_point.h). state holds n
+// int64 fixed-point values with frac_bits fractional bits, f n values of f_dtype, both dense in
+// row-major element order; beta = p / 2^m (m in [1, 8], p odd in (0, 2^(m+1))), frac_bits in [0, 52].
+// remainder is the bit-plane buffer of (m, ceil(n / 32)) 32-bit words: bit b of element i's dropped
+// bits is bit i % 32 of word [b, i / 32], and bits past n are zero. Elements that cannot be
+// represented are left unchanged (remainder bits 0) and their FixedStatus flags ORed into *status, a
+// device int32; nothing else touches *status, so one status can collect several calls. Results are
+// the same on every run. cudaErrorInvalidValue for bad p, m, frac_bits or n < 0;
+// cudaErrorMisalignedAddress for a pointer not aligned to its element size.
+
+// Forward half-step: state = ((2^m - p) * state + p * round(f * 2^frac_bits)) >> m; remainder written.
+cudaError_t relax_fixed(int64_t* state, const void* f, DType f_dtype, uint32_t* remainder, int32_t* status,
+                        int64_t n, int64_t p, int m, int frac_bits, cudaStream_t stream);
+
+// Its exact inverse, given the same f and the remainder the forward wrote (read only).
+cudaError_t unrelax_fixed(int64_t* state, const void* f, DType f_dtype, const uint32_t* remainder, int32_t* status,
+                          int64_t n, int64_t p, int m, int frac_bits, cudaStream_t stream);
+
 }  // namespace revdeq::cuda

@@ -4,7 +4,8 @@
 ``backend="triton"``. On CPU tensors it runs only under Triton's interpreter (TRITON_INTERPRET=1
 set before triton is first imported), which is how the tests exercise the kernels without a GPU.
 
-The ops are ``torch.ops.revdeq.triton_relax_``, ``triton_unrelax_`` and ``triton_residual``. With
+The ops are ``torch.ops.revdeq.triton_relax_``, ``triton_unrelax_`` and ``triton_residual``, and for
+exact mode ``triton_relax_fixed_`` and ``triton_unrelax_fixed_`` (backends/_triton_fixed.py). With
 compiled kernels they are `torch.library.triton_op`s, so `torch.compile` sees (and may fuse around)
 the kernels instead of breaking the graph; under the interpreter, which `wrap_triton` cannot trace,
 they are opaque custom ops with fake kernels, which compile without graph breaks as well.
@@ -73,6 +74,36 @@ def unrelax_(state: torch.Tensor, f_val: torch.Tensor, beta: float) -> None:
 def residual(z: torch.Tensor, fz: torch.Tensor) -> torch.Tensor:
     """[sum((z - fz)^2), sum(fz^2)], shape (2,); see _triton_residual."""
     return torch.ops.revdeq.triton_residual(z, fz)
+
+
+# Exact mode lives in backends/_triton_fixed.py, imported (and its ops registered) on first use.
+_fixed_error = None
+
+
+def fixed_unavailable_reason(device_type: str) -> str | None:
+    """None when the exact-mode kernels can run on `device_type` tensors here, else why not."""
+    global _fixed_error
+    reason = unavailable_reason(device_type)
+    if reason is not None:
+        return reason
+    if _fixed_error is None:
+        try:
+            from . import _triton_fixed  # noqa: F401  (registers torch.ops.revdeq.triton_*_fixed_)
+        except Exception as exc:  # e.g. an older Triton without an API the kernels use: report, not raise
+            _fixed_error = f"the exact-mode Triton kernels failed to load ({type(exc).__name__}: {exc})"
+        else:
+            _fixed_error = ""
+    return _fixed_error or None
+
+
+def relax_fixed_(state, f_val, remainder, status, p: int, m: int, frac_bits: int) -> None:
+    """Exact-mode forward half-step; see backends/_triton_fixed.py."""
+    torch.ops.revdeq.triton_relax_fixed_(state, f_val, remainder, status, p, m, frac_bits)
+
+
+def unrelax_fixed_(state, f_val, remainder, status, p: int, m: int, frac_bits: int) -> None:
+    """Exact-mode inverse half-step; see backends/_triton_fixed.py."""
+    torch.ops.revdeq.triton_unrelax_fixed_(state, f_val, remainder, status, p, m, frac_bits)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -1,0 +1,144 @@
+"""Shared cases for testing an exact-mode backend (relax_fixed_ / unrelax_fixed_) on any device.
+
+test_exact_triton.py and test_exact_cuda.py run these on their device. Integers leave no room for
+tolerances: state, remainder and status must equal the reference backend's (the oracle, itself
+checked against a big-integer model in test_exact_ops.py) with torch.equal, computed from the very
+same inputs on the same device. Inputs come from test_exact_ops.py's generators: fresh random
+values of both signs over 16 decades, with exact rounding ties.
+"""
+
+import torch
+from test_exact_ops import BETAS, F_DTYPES, F, assert_equal, beta_id, random_f, random_state  # noqa: F401
+
+import revdeq_kernels as rk
+from revdeq_kernels import fixed_point as fxp
+from revdeq_kernels.fixed_point import LIMIT, DyadicBeta, FixedStatus
+
+OUTPUTS = ("state", "remainder", "status")
+
+
+def run(op, backend, state, f, beta, remainder, frac_bits=F):
+    """Apply op to copies with a caller-owned status on the state's device: (state, remainder, status)."""
+    state, remainder, status = state.clone(), remainder.clone(), fxp.new_status(state.device)
+    out = getattr(rk, op)(state, f, beta, remainder, frac_bits=frac_bits, status=status, backend=backend)
+    assert out is state, f"{backend} {op}: must return its state argument"
+    return state, remainder, status
+
+
+def assert_same(got, want, what):
+    for a, b, name in zip(got, want, OUTPUTS):
+        assert_equal(a.cpu(), b.cpu(), f"{what} {name}")
+
+
+def random_inputs(n, f_dtype, device, seed):
+    g = torch.Generator().manual_seed(seed)
+    return random_state(n, g).to(device), random_f(n, f_dtype, g).to(device), g
+
+
+def check_against_reference(backend, n, beta, f_dtype, device, seed=0):
+    """Forward, the inverse of that forward, and the inverse on random remainders (modular garbage,
+    mostly flagged, on which both backends must still agree), each equal to the reference; and the
+    round trip gives back the start."""
+    state, f, g = random_inputs(n, f_dtype, device, seed + n + beta.p)
+    f_before = f.clone()
+    remainder = torch.full(fxp.remainder_shape(n, beta.m), -1, dtype=torch.int32, device=device)  # poisoned
+    what = f"{backend} n={n} beta={beta} f={f_dtype}"
+    fwd_ref = run("relax_fixed_", "reference", state, f, beta, remainder)
+    fwd = run("relax_fixed_", backend, state, f, beta, remainder)
+    assert_same(fwd, fwd_ref, f"{what} relax_fixed_")
+    assert fwd[2].item() == 0, f"{what}: in-range inputs flagged {FixedStatus(fwd[2].item())!r}"
+    garbage = torch.randint(-(1 << 31), 1 << 31, remainder.shape, generator=g, dtype=torch.int64)
+    for start, rem in ((fwd[0], fwd[1]), (state, garbage.to(device=device, dtype=torch.int32))):
+        inv_ref = run("unrelax_fixed_", "reference", start, f, beta, rem)
+        inv = run("unrelax_fixed_", backend, start, f, beta, rem)
+        assert_same(inv, inv_ref, f"{what} unrelax_fixed_")
+    assert_equal(run("unrelax_fixed_", backend, fwd[0], f, beta, fwd[1])[0].cpu(), state.cpu(), f"{what} round trip")
+    assert torch.equal(f, f_before), f"{what}: f_val was modified"
+
+
+def check_bad_elements(backend, beta, device, n=4099):
+    """NaN/Inf/huge f and out-of-range states among good elements: the same elements left unchanged, the
+    same remainders and the same flags as the reference, in the forward and the inverse."""
+    state, f, g = random_inputs(n, torch.float32, "cpu", 5)
+    idx = torch.randperm(n, generator=g)[:40]
+    f[idx[:10]] = float("nan")
+    f[idx[10:20]] = torch.tensor([float("inf"), -float("inf")]).repeat(5)
+    f[idx[20:30]] = 3e6
+    state[idx[30:]] = LIMIT + 5
+    if beta.p > (1 << beta.m):  # in range, but the over-relaxed update would leave it
+        state[idx[35:]], f[idx[35:]] = -LIMIT, 1.5e6
+    else:
+        state[idx[35:]] = -(1 << 63)
+    state, f = state.to(device), f.to(device)
+    remainder = torch.zeros(fxp.remainder_shape(n, beta.m), dtype=torch.int32, device=device)
+    what = f"{backend} beta={beta} bad elements"
+    ref = run("relax_fixed_", "reference", state, f, beta, remainder)
+    got = run("relax_fixed_", backend, state, f, beta, remainder)
+    assert_same(got, ref, f"{what} relax_fixed_")
+    want = FixedStatus.F_NOT_FINITE | FixedStatus.F_OUT_OF_RANGE | FixedStatus.STATE_OUT_OF_RANGE
+    assert got[2].item() == want, f"{what}: status {FixedStatus(got[2].item())!r}"
+    assert torch.equal(got[0][idx.to(device)], state[idx.to(device)]), f"{what}: bad elements must be left unchanged"
+    inv_ref = run("unrelax_fixed_", "reference", got[0], f, beta, got[1])
+    inv = run("unrelax_fixed_", backend, got[0], f, beta, got[1])
+    assert_same(inv, inv_ref, f"{what} unrelax_fixed_")
+    good = torch.ones(n, dtype=torch.bool)
+    good[idx] = False
+    assert torch.equal(inv[0].cpu()[good], state.cpu()[good]), f"{what}: good elements did not reverse"
+
+
+LAYOUTS = ("transposed", "strided", "f_transposed", "offset", "f_offset")
+
+
+def make_view(layout, n_rows, n_cols, f_dtype, device, seed=11):
+    """(state, f, state_base) of shape (n_rows, n_cols) laid out as `layout` says; state is a view into
+    state_base, which has elements around it that must stay untouched."""
+    g = torch.Generator().manual_seed(seed)
+    n = n_rows * n_cols
+    base = random_state(2 * n + 3, g).to(device)
+    f_base = random_f(2 * n + 3, f_dtype, g).to(device)
+    if layout == "transposed":  # dense, not row-major
+        return base[:n].view(n_cols, n_rows).t(), f_base[:n].view(n_rows, n_cols), base
+    if layout == "strided":  # gaps in both
+        return base[1::2][:n].view(n_rows, n_cols), f_base[::2][:n].view(n_rows, n_cols), base
+    if layout == "f_transposed":
+        return base[1:1 + n].view(n_rows, n_cols), f_base[:n].view(n_cols, n_rows).t(), base
+    if layout == "offset":  # contiguous views starting one and three elements in
+        return base[1:1 + n].view(n_rows, n_cols), f_base[3:3 + n].view(n_rows, n_cols), base
+    if layout == "f_offset":
+        return base[:n].view(n_rows, n_cols), f_base[1:1 + n].view(n_rows, n_cols), base
+    raise ValueError(f"unknown layout {layout!r}")
+
+
+def check_layout(backend, layout, device, f_dtype=torch.float32, shape=(37, 41)):
+    """Any view gives the result of its row-major contiguous copy (remainder bits belong to row-major
+    element indices), writes nothing outside the view, and reverses bit for bit (beta = 13/16)."""
+    beta = DyadicBeta(13, 4)
+    state, f, base = make_view(layout, *shape, f_dtype, device)
+    n = state.numel()
+    remainder = torch.zeros(fxp.remainder_shape(n, beta.m), dtype=torch.int32, device=device)
+    want = run("relax_fixed_", "reference", state.contiguous(), f.contiguous(), beta, remainder)
+    before = base.clone()
+    rem, status = remainder.clone(), fxp.new_status(device)
+    rk.relax_fixed_(state, f, beta, rem, status=status, backend=backend)
+    what = f"{backend} {layout}"
+    assert_same((state, rem, status), want, what)
+    rk.unrelax_fixed_(state, f, beta, rem, status=status, backend=backend)
+    assert status.item() == 0, f"{what}: status {FixedStatus(status.item())!r}"
+    assert_equal(base.cpu(), before.cpu(), f"{what}: round trip (and nothing outside the view written)")
+
+
+def check_round_trip(backend, beta, device, n=1000, half_steps=64):
+    """Many half-steps forward with one shared status, then all of them back: the start, bit for bit."""
+    g = torch.Generator().manual_seed(beta.p)
+    start = random_state(n, g).to(device)
+    fs = [random_f(n, torch.float32, g).clamp(-50, 50).to(device) for _ in range(half_steps)]  # keeps beta > 1 in range
+    rem, status = fxp.remainder_buffer(n, beta.m, half_steps, device=device), fxp.new_status(device)
+    state = start.clone()
+    for k in range(half_steps):
+        rk.relax_fixed_(state, fs[k], beta, rem[k], status=status, backend=backend)
+    fxp.check_status(status)
+    assert not torch.equal(state, start)
+    for k in reversed(range(half_steps)):
+        rk.unrelax_fixed_(state, fs[k], beta, rem[k], status=status, backend=backend)
+    fxp.check_status(status)
+    assert_equal(state.cpu(), start.cpu(), f"{backend} beta={beta} after {half_steps} half-steps and back")
