@@ -221,6 +221,22 @@ def test_revdeq_module_in_exact_mode():
     assert deq.info["remainder_bytes"] == 0
 
 
+def test_dropout_is_replayed_and_autocast_f_is_quantized_bit_exactly(starts_and_ends):
+    # Dropout masks are replayed, and under autocast f returns bfloat16, which relax_fixed_ quantizes
+    # as it is: both reconstruct exactly.
+    x = randn(3, 6, seed=1, requires_grad=True)
+    z, info = rfp(TanhCell(dropout=0.3), x, beta=0.8125, max_steps=20, tol=None, exact=True)
+    z.sum().backward()
+    x32 = randn(3, 6, dtype=torch.float32, seed=1, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        z32, info32 = rfp(TanhCell(dtype=torch.float32), x32, beta=0.8125, max_steps=20, tol=None, exact=True)
+    z32.sum().backward()
+    assert z32.dtype == torch.float32 and x32.grad.abs().sum() > 0
+    assert info["drift"] == 0.0 and info32["drift"] == 0.0
+    for (y_start, z_start), (y_back, z_back) in zip(starts_and_ends["start"], starts_and_ends["reconstructed"]):
+        assert torch.equal(y_back, y_start) and torch.equal(z_back, z_start)
+
+
 def test_exact_beta_may_be_given_as_p_m_and_info_lists_the_facts():
     x = randn(3, 6, seed=1, requires_grad=True)
     z, info = rfp(TanhCell(), x, beta=(21, 4), max_steps=5, tol=None, exact=True)
