@@ -500,3 +500,19 @@ def test_exact_drift_is_zero_where_float64_states_drift():
             drifts[exact] = info["drift"]
     print("drift, exact vs float64 states:", drifts)
     assert drifts[True] == 0.0 and drifts[False] > 1.0
+
+
+@pytest.mark.gpu
+def test_cuda_exact_mode_without_a_tolerance_never_synchronises():
+    cell = TanhCell(dim=64, dtype=torch.float32).cuda()
+    x = torch.randn(32, 64, device="cuda", requires_grad=True)
+    z0 = torch.randn(32, 64, device="cuda")
+    rfp(cell, x, z0=z0, max_steps=2, tol=None, exact=True)[0].sum().backward()  # warm up (lazy init syncs)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        z, info = rfp(cell, x, z0=z0, beta=0.8125, max_steps=8, tol=None, exact=True)
+        z.sum().backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert info["drift"] == 0.0
