@@ -1,17 +1,21 @@
-"""Gradient error and reconstruction drift of the reversible solver: float32 vs float64 states.
+"""Gradient error and reconstruction drift of the reversible solver: float32, float64 and exact states.
 
 For a tanh layer f(z, x) = tanh(z W^T + x U^T + b) evaluated in float32 (the usual training
 precision), across beta and the number of steps, it measures against float64 autograd through the
-unrolled loop (the exact gradient of the same iteration):
+unrolled loop (the exact gradient of the same iteration, at the same effective beta):
 
     drift        max |reconstructed start - z0| / state scale, as the solver reports it
-    reversible   relative gradient error of reversible_fixed_point (float32 f, given state dtype)
+    reversible   relative gradient error of reversible_fixed_point (float32 f; states float32,
+                 float64, or exact mode's int64 fixed point)
     stored       the same error for ordinary backprop through the unrolled loop with stored
-                 activations at the same precision: the floor that precision allows
+                 activations at the same precision (exact rows: float64 states): the floor that
+                 precision allows
 
+Exact mode rounds beta to p / 2^m (0.5 = 1/2 and 0.8125 = 13/16 are exact; 0.8 becomes 205/256), and
+its rows also record the remainder memory it held against what storing every state would take.
 Gradient error is ||g - g_ref|| / ||g_ref|| over all of (x, W, U, b), the worst of a few seeds.
-Runs on CPU in seconds (or on a GPU with --device cuda). Writes JSON stamped with device, versions
-and commit, and prints a Markdown table:
+Runs on CPU in a few minutes (or on a GPU with --device cuda). Writes JSON stamped with device,
+versions and commit, and prints a Markdown table with the three modes side by side:
 
     python benchmarks/drift_table.py [--device cpu] [--threads N] [--out benchmarks/results/drift_table.json]
 """
@@ -30,9 +34,9 @@ import torch
 
 import revdeq_kernels as rk
 
-BETAS = (0.5, 0.8)
-STEPS = (4, 8, 16, 32, 64)
-STATE_DTYPES = (torch.float64, torch.float32)
+BETAS = (0.5, 0.8, 0.8125)
+STEPS = (4, 8, 16, 32, 64, 128, 256)
+MODES = ("float32", "float64", "exact")  # the state representation
 DIM, BATCH, SEEDS = 128, 64, (0, 1, 2)
 
 
@@ -61,15 +65,17 @@ def unrolled_grad(inputs, w, beta, steps, compute, state):
     return torch.autograd.grad((z * w.to(state)).sum(), leaves)
 
 
-def reversible_grad(inputs, w, beta, steps, state):
+def reversible_grad(inputs, w, beta, steps, mode):
+    """(gradients, drift, info) of reversible_fixed_point with float32 f and the given state mode."""
     x, W, U, b = leaves = [t.float().requires_grad_() for t in inputs]
+    kwargs = {"exact": True} if mode == "exact" else {"state_dtype": getattr(torch, mode)}
     z, info = rk.reversible_fixed_point(lambda z, x: layer(z, x, W, U, b), x, beta=beta, max_steps=steps,
-                                        tol=None, params=[W, U, b], state_dtype=state)
+                                        tol=None, params=[W, U, b], **kwargs)
     grads = torch.autograd.grad((z.double() * w).sum(), leaves)
     try:
-        return grads, info["drift"]
+        return grads, info["drift"], info
     except FloatingPointError:  # the reconstruction overflowed: the solver names the step
-        return grads, math.inf
+        return grads, math.inf, info
 
 
 def relative_error(got, want) -> float:
@@ -83,36 +89,68 @@ def finite_or_none(v: float):
     return v if math.isfinite(v) else None
 
 
+def effective_beta(beta, mode) -> float:
+    return rk.fixed_point.dyadic_beta(beta).value if mode == "exact" else beta
+
+
 def measure(device):
     rows = []
+    reference = {}  # (beta, steps, seed, compute, state) -> gradient by autograd through the unrolled loop
+
+    def unrolled_cached(inputs, w, seed, beta, steps, compute, state):
+        key = (beta, steps, seed, compute, state)
+        if key not in reference:
+            reference[key] = unrolled_grad(inputs, w, beta, steps, compute, state)
+        return reference[key]
+
     for beta in BETAS:
         for steps in STEPS:
-            for state in STATE_DTYPES:
-                drift, rev, stored = [], [], []
+            for mode in MODES:
+                beta_eff = effective_beta(beta, mode)
+                stored_state = torch.float32 if mode == "float32" else torch.float64
+                drift, rev, stored, info = [], [], [], None
                 for seed in SEEDS:
                     inputs, w = make_problem(seed, device)
-                    exact = unrolled_grad(inputs, w, beta, steps, torch.float64, torch.float64)
-                    grads, d = reversible_grad(inputs, w, beta, steps, state)
+                    exact = unrolled_cached(inputs, w, seed, beta_eff, steps, torch.float64, torch.float64)
+                    grads, d, info = reversible_grad(inputs, w, beta, steps, mode)
                     drift.append(d)
                     rev.append(relative_error(grads, exact))
-                    stored.append(relative_error(unrolled_grad(inputs, w, beta, steps, torch.float32, state), exact))
-                rows.append({"beta": beta, "steps": steps, "state_dtype": str(state).replace("torch.", ""),
-                             "f_dtype": "float32", "drift": finite_or_none(max(drift)),
-                             "grad_error_reversible": finite_or_none(max(rev)),
-                             "grad_error_stored": finite_or_none(max(stored))})
+                    stored.append(relative_error(
+                        unrolled_cached(inputs, w, seed, beta_eff, steps, torch.float32, stored_state), exact))
+                row = {"beta": beta, "beta_effective": beta_eff, "steps": steps, "mode": mode,
+                       "state_dtype": "int64" if mode == "exact" else mode, "f_dtype": "float32",
+                       "drift": finite_or_none(max(drift)), "grad_error_reversible": finite_or_none(max(rev)),
+                       "grad_error_stored": finite_or_none(max(stored))}
+                if mode == "exact":
+                    row.update(frac_bits=info["frac_bits"], remainder_bits=info["dyadic_beta"].m,
+                               remainder_bytes=info["remainder_bytes"],
+                               stored_states_bytes=info["stored_states_bytes"])
+                rows.append(row)
+                print(f"beta {beta} steps {steps} {mode}: drift {_fmt(row['drift'])}, grad error "
+                      f"{_fmt(row['grad_error_reversible'])}", file=sys.stderr, flush=True)
     return rows
 
 
 def _fmt(v):
-    return "diverged" if v is None else f"{v:.1e}"
+    return "diverged" if v is None else ("0" if v == 0 else f"{v:.1e}")
 
 
 def markdown(rows) -> str:
-    lines = ["| beta | steps | states | drift | grad error, reversible | grad error, stored activations |",
-             "|---:|---:|---|---:|---:|---:|"]
-    for r in rows:
-        lines.append(f"| {r['beta']} | {r['steps']} | {r['state_dtype']} | {_fmt(r['drift'])} | "
-                     f"{_fmt(r['grad_error_reversible'])} | {_fmt(r['grad_error_stored'])} |")
+    """One line per (beta, steps), the three modes side by side."""
+    by_key = {(r["beta"], r["steps"], r["mode"]): r for r in rows}
+    lines = ["| beta | steps | drift, float32 | drift, float64 | drift, exact | grad error, float32 | "
+             "grad error, float64 | grad error, exact | floor (stored activations, float32 f) |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for beta in dict.fromkeys(r["beta"] for r in rows):
+        for steps in dict.fromkeys(r["steps"] for r in rows):
+            cells = {m: by_key.get((beta, steps, m)) for m in MODES}
+            if any(c is None for c in cells.values()):
+                continue
+            exact = cells["exact"]
+            label = f"{beta}" if exact["beta_effective"] == beta else f"{beta} (exact: {exact['beta_effective']})"
+            lines.append(f"| {label} | {steps} | " + " | ".join(_fmt(cells[m]["drift"]) for m in MODES) + " | "
+                         + " | ".join(_fmt(cells[m]["grad_error_reversible"]) for m in MODES)
+                         + f" | {_fmt(cells['float64']['grad_error_stored'])} |")
     return "\n".join(lines)
 
 
@@ -153,9 +191,16 @@ def main(argv=None):
     result = {"meta": stamp(device),
               "setup": {"f": "tanh(z W^T + x U^T + b), W ~ 0.9 N(0, 1/dim), float32", "dim": DIM, "batch": BATCH,
                         "seeds": list(SEEDS), "loss": "sum(w * z), w ~ N(0, 1)",
-                        "reference": "float64 autograd through the unrolled loop, same beta and steps",
+                        "reference": "float64 autograd through the unrolled loop, same effective beta and steps",
                         "grad_error": "||g - g_ref|| / ||g_ref|| over (x, W, U, b), worst seed",
-                        "drift": "info['drift'] after backward, worst seed; null where it overflowed"},
+                        "drift": "info['drift'] after backward, worst seed; null where it overflowed",
+                        "modes": "float32 / float64: state_dtype; exact: exact=True (int64 fixed point, "
+                                 "frac_bits 32, beta rounded to p / 2^m: beta_effective)",
+                        "grad_error_stored": "stored-activation backprop with float32 f and the row's float "
+                                             "states (float64 states for exact rows)",
+                        "exact_memory": "remainder_bytes: what exact mode held for the backward (m = "
+                                        "remainder_bits per element per half-step); stored_states_bytes: "
+                                        "both states after every step, 8 bytes each"},
               "rows": rows}
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as fh:

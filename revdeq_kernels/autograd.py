@@ -3,7 +3,7 @@
 One Function runs the whole backward and returns every gradient (it never calls ``.backward()``
 inside), so it composes with DistributedDataParallel, ``torch.autograd.grad`` and saved-tensor
 hooks. What it saves: the two final states, z0 when given, and its inputs (x and params), never
-a graph of ``f``.
+a graph of ``f``; in exact mode also the remainder bits (m per element per half-step).
 """
 
 import torch
@@ -12,7 +12,6 @@ from torch.autograd.function import once_differentiable
 from . import solver
 from .info import SolverInfo
 from .solver import Problem, SolverOptions
-from .states import FloatStates
 
 FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 
@@ -61,8 +60,7 @@ class ReversibleFixedPoint(torch.autograd.Function):
         z0, tensors = saved[n], saved[n + 1:]
         x_tensors, params = tensors[:problem.n_x], tensors[problem.n_x:]
         needs = ctx.needs_input_grad
-        states = FloatStates.from_saved(saved[:n], problem.compute_dtype, problem.options.beta,
-                                        problem.options.backend)
+        states = solver.restore_states(problem, saved[:n], ctx.steps)
         with ctx.autocast():
             grad_z0, grad_x, grad_params = solver.backward(
                 problem, ctx.info, states, ctx.steps, ctx.tape, grad_z, z0,
@@ -147,7 +145,7 @@ def solve(f, x, *, z0=None, params=None, options: SolverOptions, caller: str = "
 
 
 def reversible_fixed_point(f, x, *, z0=None, beta=0.8, max_steps=30, tol=1e-3, params=None, check_every=1,
-                           state_dtype=torch.float64, max_drift=None, backend=None):
+                           state_dtype=torch.float64, max_drift=None, backend=None, exact=False, frac_bits=None):
     """Solve ``z = f(z, x)`` with the reversible RevDEQ iteration; exact gradients in O(1) memory.
 
     Runs ``y = (1-beta) y + beta f(z, x); z = (1-beta) z + beta f(y, x)`` from ``y = z = z0`` until
@@ -164,7 +162,7 @@ def reversible_fixed_point(f, x, *, z0=None, beta=0.8, max_steps=30, tol=1e-3, p
         z0: the start, or None for zeros shaped like x (its first tensor if x is a tuple); pass z0
             when ``f``'s state has another shape. Gradients flow to it when it requires grad.
         beta: relaxation in (0, 2), not 1. The inverse amplifies rounding by ``1/|1-beta|`` per
-            half-step, so beta near 0.5 reconstructs best.
+            half-step, so beta near 0.5 reconstructs best (exact mode has no rounding to amplify).
         max_steps: at most this many steps (each evaluates ``f`` twice); at least one is taken.
         tol: stop once the relative residual is at most ``tol``; ``None`` runs exactly ``max_steps``
             steps with no host synchronisation at all in forward or backward.
@@ -173,11 +171,43 @@ def reversible_fixed_point(f, x, *, z0=None, beta=0.8, max_steps=30, tol=1e-3, p
             tensor requiring grad gets a clear error instead of a silently missing gradient.
         check_every: with a ``tol``, read the residual back (one sync) every this many steps.
         state_dtype: ``torch.float64`` (default; gradients stay exact for far more steps) or
-            ``torch.float32`` (faster, drifts after 8-16 steps). It must hold the compute dtype.
+            ``torch.float32`` (faster, drifts after 8-16 steps). It must hold the compute dtype. In
+            exact mode it is the dtype of the adjoint states (the backward's ``beta * dL/dz``).
         max_drift: raise :class:`~revdeq_kernels.DriftError` when the backward's reconstructed
             start is further than this (relative) from the true one; None warns once above 0.1.
         backend: the backend of the fused ops (``None``/``"auto"``, ``"cuda"``, ``"triton"``,
             ``"cpp"``, ``"reference"``).
+        exact: exact mode (see below).
+        frac_bits: exact mode's fractional bits F, an int in [0, 52]; default
+            ``fixed_point.DEFAULT_FRAC_BITS`` = 32 (range ``|value| <= 2^21``, resolution 2^-32).
+
+    Exact mode (``exact=True``): the states are int64 fixed point, ``Y = round(value * 2^F)``, and every
+    half-step ``Y <- ((2^m - p) Y + p round(f * 2^F)) >> m`` keeps the m bits the shift drops, so the
+    backward undoes each half-step bit for bit (:mod:`revdeq_kernels.fixed_point`). The reconstructed
+    start equals the forward's start exactly at any depth and any beta: ``info["drift"]`` is 0.0, and
+    the gradient is that of the iteration the forward ran, where float states drift to garbage after
+    tens of steps (worst for beta far from 0.5). Details:
+
+    - beta must be dyadic, p / 2^m with m <= 8: a float is rounded to the nearest one (0.8125 is 13/16,
+      0.8 becomes 205/256); a ``(p, m)`` pair is taken as given. The effective value is in
+      ``info["beta"]`` and ``info["dyadic_beta"]`` (p, m), and the backward uses it too.
+    - Memory: the remainders cost m bits per element per half-step (13/16: 4 bits, 1/2: 1 bit, 205/256:
+      8 bits), against 64 bits per element per half-step for storing the states; both are reported in
+      ``info["remainder_bytes"]`` and ``info["stored_states_bytes"]``. With ``tol=None`` they are
+      allocated at once for ``max_steps``; with a tolerance they grow (doubling) as the steps go, and
+      what is kept for the backward is exactly the steps taken. Without a backward (no grad) one
+      half-step's worth is reused.
+    - ``f`` sees the state's value rounded once to the compute dtype (the same state always gives the
+      same input), and its output is rounded to a multiple of 2^-F. ``f`` must return the same bits for
+      the same input in the backward as in the forward (dropout is replayed; nondeterministic kernels
+      break it, and the backward then raises or the drift is not 0).
+    - z0 is rounded to a multiple of 2^-F; its gradient treats that rounding as the identity.
+    - The adjoints stay floating point, in ``state_dtype``; the tolerance check uses the float64 value
+      of the state.
+    - NaN/Inf from ``f``, and values of ``f``, ``z0`` or the states outside ``|value| <= 2^(53 - F)``,
+      raise :class:`~revdeq_kernels.fixed_point.FixedPointError` naming the pass and step (same
+      moments as the non-finite checks: inside the passes with a ``tol``, when ``info`` is read
+      with ``tol=None``); such values never reach the integer states.
 
     Dtypes: ``f`` sees the state cast to the compute dtype (z0's dtype when given, else the first
     floating tensor of x, else the default dtype) and must return that dtype, or a less precise one
@@ -197,8 +227,17 @@ def reversible_fixed_point(f, x, *, z0=None, beta=0.8, max_steps=30, tol=1e-3, p
         >>> x = torch.randn(8, 16, requires_grad=True)
         >>> z, info = reversible_fixed_point(cell, x, params=list(f.parameters()))
         >>> z.square().sum().backward(); info["steps"], info["drift"]
+
+        Exact mode, 200 steps at beta = 13/16 with float32 f (float states could not reverse this):
+
+        >>> x = torch.randn(8, 16, requires_grad=True)
+        >>> z, info = reversible_fixed_point(cell, x, params=list(f.parameters()), beta=0.8125, max_steps=200,
+        ...                                  tol=None, exact=True)
+        >>> z.square().sum().backward()
+        >>> info["drift"], info["dyadic_beta"], info["remainder_bytes"], info["stored_states_bytes"]
+        (0.0, DyadicBeta(p=13, m=4), 25600, 409600)
     """
     options = SolverOptions.make("reversible_fixed_point", beta=beta, max_steps=max_steps, tol=tol,
                                  check_every=check_every, state_dtype=state_dtype, max_drift=max_drift,
-                                 backend=backend)
+                                 backend=backend, exact=exact, frac_bits=frac_bits)
     return solve(f, x, z0=z0, params=params, options=options)

@@ -12,6 +12,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from . import fixed_point as fxp
+from . import fixed_states
+
 if TYPE_CHECKING:
     from .solver import SolverOptions
 
@@ -48,6 +51,16 @@ class SolverInfo(Mapping):
         ``"drift"``: float, after backward: ``max |reconstructed start - z0| / max(|z|, |z0|)``;
         None before the backward ran.
 
+    Exact mode (``exact=True``) adds, known without a sync: ``"beta"`` (float, the effective beta
+    p / 2^m), ``"dyadic_beta"`` (:class:`~revdeq_kernels.fixed_point.DyadicBeta`, its p and m),
+    ``"frac_bits"`` (int, F), ``"remainder_bytes"`` (int, the remainder memory held for the backward:
+    m bits per element per half-step taken, in whole 32-bit words per bit plane; 0 when no backward
+    will run) and ``"stored_states_bytes"`` (int, what storing both states after every step would
+    take instead: 2 * steps * numel * 8). Its drift is exactly 0.0 when the reconstruction is
+    bit-exact, and a value that exact mode cannot represent raises
+    :class:`~revdeq_kernels.fixed_point.FixedPointError` naming the pass and the step, at the same
+    moments as the non-finite checks.
+
     With ``tol=None`` the solver never synchronises; reading ``"residual"`` or ``"drift"`` (or calling
     :meth:`check`) copies the device evidence to the host once, and that is when non-finite values
     from ``f`` raise ``FloatingPointError`` (naming the pass and the step) and a drift above
@@ -70,9 +83,13 @@ class SolverInfo(Mapping):
         self._residual = None
         self._backward = None  # (steps + 1, 4): NaN-propagating evidence per backward step, drift last
         self._drift = None
+        self._status = self._backward_status = None  # exact mode: int32 flags per step of each pass
+        self._facts = {}  # further keys, set once by the solver (exact mode's beta and memory)
 
-    # Mapping interface: the three keys, always present.
+    # Mapping interface: the three keys, always present, then the facts the solver added.
     def __getitem__(self, key):
+        if key in self._facts:
+            return self._facts[key]
         if key == "steps":
             return self.steps
         if key == "residual":
@@ -82,10 +99,18 @@ class SolverInfo(Mapping):
         raise KeyError(key)
 
     def __iter__(self):
-        return iter(self._KEYS)
+        yield from self._KEYS
+        yield from self._facts
 
     def __len__(self):
-        return len(self._KEYS)
+        return len(self._KEYS) + len(self._facts)
+
+    def add_facts(self, facts: Mapping) -> None:
+        """Further read-only entries (values known on the host), e.g. exact mode's beta and memory."""
+        self._facts.update(facts)
+
+    def _exact(self) -> bool:
+        return self._options.exact
 
     def __repr__(self):
         try:
@@ -99,8 +124,10 @@ class SolverInfo(Mapping):
         self._read_backward()
 
     # The forward's evidence.
-    def start_forward(self, history: torch.Tensor) -> None:
+    def start_forward(self, history: torch.Tensor, status: torch.Tensor | None = None) -> None:
+        """``history``: (max_steps + 1, 2) residual rows; ``status``: exact mode's (max_steps + 1,) flags."""
         self._history = history
+        self._status = status
         self._read_rows = 0
         self._residual = None
 
@@ -108,16 +135,18 @@ class SolverInfo(Mapping):
         """Read the history rows not yet read, up to ``last`` (one sync), raise at the first non-finite
         one, and return the relative residual after step ``last``."""
         if last >= self._read_rows:
-            rows = self._history[self._read_rows:last + 1].tolist()
+            rows = _with_status(self._history, self._status, self._read_rows, last + 1)
             for i, row in enumerate(rows):
-                if not _all_finite(row):
+                if self._status is not None:
+                    self._check_fixed_point("forward", self._read_rows + i, row)
+                elif not _all_finite(row):
                     step = self._read_rows + i
                     where = "evaluating f(z0)" if step == 0 else f"at step {step} of {self._options.max_steps}"
                     raise FloatingPointError(
                         f"{self._caller}: non-finite values in the forward pass {where}: f returned inf or NaN, "
                         f"or the iteration diverged (beta={self._options.beta})")
             self._read_rows = last + 1
-            self._residual = _relative(*rows[-1])
+            self._residual = _relative(*rows[-1][:2])
         return self._residual
 
     def _read_forward(self) -> float | None:
@@ -126,18 +155,24 @@ class SolverInfo(Mapping):
         return self.read_forward_rows(self.steps)
 
     # The backward's evidence.
-    def set_backward(self, evidence: torch.Tensor) -> None:
+    def set_backward(self, evidence: torch.Tensor, status: torch.Tensor | None = None) -> None:
+        """``evidence``: (steps + 1, 4), drift in row 0; ``status``: exact mode's (steps + 1,) flags."""
         self._backward = evidence
+        self._backward_status = status
         self._drift = None
 
     def _read_backward(self) -> float | None:
         if self._backward is None:
             return None
         if self._drift is None:
-            rows = self._backward.tolist()
+            if self._exact():
+                self._read_forward()  # a forward problem explains (and outranks) anything the backward saw
+            rows = _with_status(self._backward, self._backward_status, 0, len(self._backward))
             drift = rows[0][0]
             for step in range(len(rows) - 1, 0, -1):  # the order the backward visited them
-                if not _all_finite(rows[step]):
+                if self._backward_status is not None:
+                    self._check_fixed_point("backward", step, rows[step])
+                if not _all_finite(rows[step][:4]):
                     raise FloatingPointError(
                         f"{self._caller}: non-finite values in the backward pass at step {step} (the backward "
                         f"visits steps {len(rows) - 1} down to 1): f or its vector-Jacobian product returned "
@@ -150,8 +185,25 @@ class SolverInfo(Mapping):
         self._check_drift(self._drift)  # on every read: an error stays an error
         return self._drift
 
+    def _check_fixed_point(self, pass_name: str, step: int, row) -> None:
+        """Raise FixedPointError for exact mode's flags in ``row`` (its last entry), or, in the forward,
+        for a non-finite residual: states are integers, so only f can have produced it."""
+        code = int(row[-1])
+        if pass_name == "forward" and not code and not _all_finite(row[:-1]):
+            code = fxp.FixedStatus.F_NOT_FINITE
+        if code:
+            if pass_name == "forward":
+                where = ("forward pass, evaluating f(z0)" if step == 0
+                         else f"forward pass at step {step} of {self._options.max_steps}")
+            else:
+                where = f"backward pass at step {step} (the backward visits steps {self.steps} down to 1)"
+            raise fixed_states.status_error(self._caller, where, code, self._options.frac_bits)
+
     def _describe_states(self) -> str:
         o = self._options
+        if self._exact():
+            return (f"beta={o.dyadic_beta}, {self.steps} steps, exact mode with frac_bits={o.frac_bits}; it "
+                    "reconstructs bit for bit when f returns the same bits for the same input")
         return (f"beta={o.beta}, {self.steps} steps, {str(o.state_dtype).replace('torch.', '')} states; "
                 f"the inverse amplifies rounding by 1/|1-beta| = {1 / abs(1 - o.beta):.3g} per half-step")
 
@@ -160,11 +212,22 @@ class SolverInfo(Mapping):
         if bound is not None and drift > bound:
             raise DriftError(
                 f"{self._caller}: the backward pass reconstructed the start state with relative drift "
-                f"{drift:.3e} > max_drift={bound:g} ({self._describe_states()}); use float64 states, fewer "
-                "steps, or beta closer to 0.5")
-        if bound is None and drift > DRIFT_WARN_BOUND and not _warned["drift"]:
+                f"{drift:.3e} > max_drift={bound:g} ({self._describe_states()}); "
+                + ("make f deterministic" if self._exact() else "use float64 states, fewer steps, or beta closer "
+                   "to 0.5"))
+        # Exact mode reconstructs bit for bit: any drift at all means f was not deterministic.
+        warn_bound = 0.0 if self._exact() else DRIFT_WARN_BOUND
+        if bound is None and drift > warn_bound and not _warned["drift"]:
             _warned["drift"] = True
             warnings.warn(
                 f"{self._caller}: the backward pass reconstructed the start state with relative drift "
                 f"{drift:.3e} ({self._describe_states()}); gradients may be inexact. Pass max_drift= to "
                 "turn this into an error; this warning is shown once", RuntimeWarning, stacklevel=2)
+
+
+def _with_status(rows: torch.Tensor, status: torch.Tensor | None, start: int, stop: int) -> list:
+    """rows[start:stop] as lists, each with its status flags appended (exact mode), in one host read."""
+    if status is None:
+        return rows[start:stop].tolist()
+    flags = status[start:stop].to(rows.dtype).unsqueeze(1)  # int32 flags are exact in float32/64
+    return torch.cat((rows[start:stop], flags), dim=1).tolist()

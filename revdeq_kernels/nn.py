@@ -16,6 +16,10 @@ class RevDEQ(torch.nn.Module):
             backward's re-evaluations; dropout inside it is replayed exactly.
         beta, max_steps, tol, check_every, state_dtype, max_drift, backend: as for
             :func:`~revdeq_kernels.reversible_fixed_point`, validated here once.
+        exact, frac_bits: exact mode, as for :func:`~revdeq_kernels.reversible_fixed_point`: int64
+            fixed-point states that the backward reconstructs bit for bit (drift exactly 0 at any
+            depth), beta rounded to the nearest p / 2^m (m <= 8), m bits per element per half-step of
+            memory. ``self.options.beta`` and ``info["dyadic_beta"]`` hold the effective beta.
 
     ``forward(x, z0=None)``: ``x`` a tensor or tuple of tensors, ``z0`` the start (default zeros
     shaped like x's first tensor). Returns ``z`` in z0's dtype (else x's). The last call's
@@ -29,10 +33,16 @@ class RevDEQ(torch.nn.Module):
         ...         return torch.tanh(self.lin(z) + x)
         >>> deq = RevDEQ(Cell(), beta=0.5, max_steps=20)
         >>> z = deq(torch.randn(32, 64)); deq.info["steps"]
+
+        Exact mode, deep and at an aggressive beta, still with a bit-exact reconstruction:
+
+        >>> deq = RevDEQ(Cell(), beta=0.8125, max_steps=100, tol=None, exact=True)
+        >>> deq(torch.randn(32, 64)).sum().backward(); deq.info["drift"], deq.info["remainder_bytes"]
+        (0.0, 204800)
     """
 
     def __init__(self, f: torch.nn.Module, beta=0.8, max_steps=30, tol=1e-3, *, check_every=1,
-                 state_dtype=torch.float64, max_drift=None, backend=None):
+                 state_dtype=torch.float64, max_drift=None, backend=None, exact=False, frac_bits=None):
         super().__init__()
         if not isinstance(f, torch.nn.Module):
             raise TypeError(f"RevDEQ: f must be an nn.Module called as f(z, x), got {type(f).__name__}; for a "
@@ -40,7 +50,8 @@ class RevDEQ(torch.nn.Module):
         self.f = f
         self.options = SolverOptions.make("RevDEQ", beta=beta, max_steps=max_steps, tol=tol,
                                           check_every=check_every, state_dtype=state_dtype,
-                                          max_drift=max_drift, backend=backend)
+                                          max_drift=max_drift, backend=backend, exact=exact,
+                                          frac_bits=frac_bits)
         self.info = None
 
     def forward(self, x, z0=None):
@@ -49,5 +60,8 @@ class RevDEQ(torch.nn.Module):
 
     def extra_repr(self) -> str:
         o = self.options
-        return (f"beta={o.beta}, max_steps={o.max_steps}, tol={o.tol}, check_every={o.check_every}, "
+        text = (f"beta={o.beta}, max_steps={o.max_steps}, tol={o.tol}, check_every={o.check_every}, "
                 f"state_dtype={o.state_dtype}")
+        if o.exact:
+            text += f", exact=True (beta={o.dyadic_beta}), frac_bits={o.frac_bits}"
+        return text

@@ -24,7 +24,9 @@ once when asked. With a tolerance the forward reads the residuals back every ``c
 steps and the backward reads its evidence once at the end.
 
 :class:`~revdeq_kernels.states.FloatStates` is the one place that knows how a state is stored,
-relaxed, un-relaxed and shown to ``f``; the loops below only call it. :class:`~revdeq_kernels.rng.RngTape`
+relaxed, un-relaxed and shown to ``f``; the loops below only call it. Exact mode swaps in
+:class:`~revdeq_kernels.fixed_states.FixedStates` (int64 fixed point, bit-reversible) and nothing else
+changes: the adjoints stay floating point. :class:`~revdeq_kernels.rng.RngTape`
 replays randomness; :class:`~revdeq_kernels.info.SolverInfo` reports.
 """
 
@@ -36,6 +38,8 @@ import numbers
 import torch
 
 from . import backends, ops
+from . import fixed_point as fxp
+from .fixed_states import FixedStates
 from .info import SolverInfo
 from .rng import RngTape
 from .states import FloatStates
@@ -46,7 +50,11 @@ FIRST_EVALUATION = "forward pass, evaluating f(z0)"
 
 @dataclasses.dataclass(frozen=True)
 class SolverOptions:
-    """Validated solver settings; build with :meth:`make`, which raises clear errors for bad values."""
+    """Validated solver settings; build with :meth:`make`, which raises clear errors for bad values.
+
+    In exact mode ``beta`` is the effective (dyadic) beta as a float, ``dyadic_beta`` its p / 2^m, and
+    ``state_dtype`` the dtype of the adjoint states (the primal states are int64 fixed point).
+    """
 
     beta: float = 0.8
     max_steps: int = 30
@@ -55,11 +63,26 @@ class SolverOptions:
     state_dtype: torch.dtype = torch.float64
     max_drift: float | None = None
     backend: str | None = None
+    exact: bool = False
+    frac_bits: int | None = None  # exact mode only
+    dyadic_beta: fxp.DyadicBeta | None = None  # exact mode only
 
     @classmethod
     def make(cls, caller: str, *, beta=0.8, max_steps=30, tol=1e-3, check_every=1,
-             state_dtype=torch.float64, max_drift=None, backend=None) -> "SolverOptions":
-        beta = ops.check_beta(caller, beta)
+             state_dtype=torch.float64, max_drift=None, backend=None, exact=False,
+             frac_bits=None) -> "SolverOptions":
+        if not isinstance(exact, bool):
+            raise TypeError(f"{caller}: exact must be True or False, got {type(exact).__name__}")
+        dyadic = None
+        if exact:
+            dyadic = _dyadic_beta(caller, beta)
+            beta = dyadic.value
+            frac_bits = fxp.check_frac_bits(caller, fxp.DEFAULT_FRAC_BITS if frac_bits is None else frac_bits)
+        else:
+            if frac_bits is not None:
+                raise ValueError(f"{caller}: frac_bits={frac_bits!r} sets the fixed-point format of exact mode, but "
+                                 "exact=False; pass exact=True with it, or leave frac_bits out")
+            beta = ops.check_beta(caller, beta)
         max_steps = _positive_int(caller, "max_steps", max_steps)
         check_every = _positive_int(caller, "check_every", check_every)
         tol = _optional_nonnegative(caller, "tol", tol)
@@ -70,7 +93,20 @@ class SolverOptions:
         if backend is not None and backend != "auto" and backend not in backends.NAMES:
             raise ValueError(f"{caller}: unknown backend {backend!r}; expected None, 'auto' or one of "
                              f"{', '.join(backends.NAMES)}")
-        return cls(beta, max_steps, tol, check_every, state_dtype, max_drift, backend)
+        return cls(beta, max_steps, tol, check_every, state_dtype, max_drift, backend, exact, frac_bits, dyadic)
+
+
+def _dyadic_beta(caller, beta) -> fxp.DyadicBeta:
+    """Exact mode's beta: a (p, m) pair as given, or a float rounded to the nearest p / 2^m, m <= 8."""
+    if isinstance(beta, tuple):
+        return fxp.check_beta(caller, beta)
+    beta = ops.check_beta(caller, beta)
+    try:
+        return fxp.dyadic_beta(beta)
+    except ValueError as exc:
+        reason = str(exc).removeprefix("dyadic_beta: ")
+        raise ValueError(f"{caller}: exact mode rounds beta to the nearest p / 2^m with m <= "
+                         f"{fxp.MAX_BETA_BITS}, but {reason}") from None
 
 
 def _positive_int(caller, name, value) -> int:
@@ -220,9 +256,35 @@ def check_partial(problem: Problem, out: torch.Tensor, inputs) -> None:
                 "closure, or pass only the leaves in params")
 
 
+# With a tolerance, exact mode allocates remainders for this many steps first and then doubles the
+# capacity as the forward goes on (tol=None allocates all max_steps at once).
+FIRST_REMAINDER_STEPS = 16
+
+
+def start_states(problem: Problem, z0, keep_remainders: bool):
+    """The two states at z0 (None: zeros): :class:`FloatStates`, or :class:`FixedStates` in exact mode.
+
+    ``keep_remainders``: a backward will follow, so exact mode keeps every half-step's remainder bits."""
+    o = problem.options
+    if o.exact:
+        first = o.max_steps if o.tol is None else min(o.max_steps, FIRST_REMAINDER_STEPS)
+        return FixedStates.start(z0, problem.state_shape, problem.device, problem.compute_dtype, o.dyadic_beta,
+                                 o.frac_bits, o.backend, o.max_steps, first if keep_remainders else None)
+    return FloatStates.start(z0, problem.state_shape, problem.device, o.state_dtype, problem.compute_dtype,
+                             o.beta, o.backend)
+
+
+def restore_states(problem: Problem, saved, steps: int):
+    """The states again from what ``states.saved()`` returned after a forward of ``steps`` steps."""
+    o = problem.options
+    if o.exact:
+        return FixedStates.from_saved(saved, problem.compute_dtype, o.dyadic_beta, o.frac_bits, o.backend, steps)
+    return FloatStates.from_saved(saved, problem.compute_dtype, o.beta, o.backend)
+
+
 @dataclasses.dataclass
 class ForwardResult:
-    states: FloatStates
+    states: FloatStates | FixedStates
     steps: int
     tape: RngTape
 
@@ -235,14 +297,13 @@ def forward(problem: Problem, info: SolverInfo, x, x_tensors, z0, declared=None,
         z0: the start (any floating dtype the state can hold), or None for zeros.
         declared: when not None, the tensors that may carry gradients into f; the first evaluation then
             runs with grad enabled so :func:`check_declared` can look at its graph.
-        keep_rng: record the RNG state before each evaluation of f, for a backward to replay.
+        keep_rng: a backward will follow: record the RNG state before each evaluation of f for it to
+            replay (and, in exact mode, keep every half-step's remainder bits).
     """
     o = problem.options
-    states = FloatStates.start(z0, problem.state_shape, problem.device, o.state_dtype, problem.compute_dtype,
-                               o.beta, o.backend)
-    history = torch.empty(o.max_steps + 1, 2, dtype=torch.float64 if o.state_dtype == torch.float64
-                          else torch.float32, device=problem.device)
-    info.start_forward(history)
+    states = start_states(problem, z0, keep_rng)
+    history = torch.empty(o.max_steps + 1, 2, dtype=states.residual_dtype, device=problem.device)
+    info.start_forward(history, states.status)
     tape = RngTape([*x_tensors, states.z] if keep_rng else None)
 
     tape.record()
@@ -271,7 +332,9 @@ def forward(problem: Problem, info: SolverInfo, x, x_tensors, z0, declared=None,
             if info.read_forward_rows(n) <= o.tol:
                 break
     tape.finish()
+    states.finish_forward()
     info.steps = steps
+    info.add_facts(states.facts(steps))
     return ForwardResult(states, steps, tape)
 
 
@@ -322,7 +385,7 @@ def _buffers_restored(f):
                 buffer.copy_(value)
 
 
-def backward(problem: Problem, info: SolverInfo, states: FloatStates, steps: int, tape: RngTape,
+def backward(problem: Problem, info: SolverInfo, states: FloatStates | FixedStates, steps: int, tape: RngTape,
              grad_z: torch.Tensor, z0, x_tensors, need_x, params, need_params, need_z0: bool):
     """The reversible backward: reconstructs the states in place and returns the exact gradients.
 
@@ -390,7 +453,7 @@ def backward(problem: Problem, info: SolverInfo, states: FloatStates, steps: int
 
     tiny = torch.finfo(scale.dtype).tiny
     evidence[0] = (states.distance_to(z0) / scale.clamp_min(tiny)).to(torch.float64)
-    info.set_backward(evidence)
+    info.set_backward(evidence, states.status)
     if o.tol is not None:
         info.check()  # a tolerance allows syncs: report problems from inside backward
 

@@ -1,8 +1,8 @@
 """FloatStates: how the two RevDEQ states are stored, updated in place and shown to f.
 
-The solver's loops go through this class only, so another representation (exact fixed-point states
-that store the low bits each half-step loses, tuple states in one flat buffer) replaces it without
-touching the loops.
+The solver's loops go through this class only, so another representation replaces it without
+touching the loops: :class:`~revdeq_kernels.fixed_states.FixedStates` (exact mode: int64 fixed-point
+states that keep the low bits each half-step loses) has the same methods.
 """
 
 import torch
@@ -28,6 +28,8 @@ class FloatStates:
         torch.float32
     """
 
+    status = None  # float states have no fixed-point status; non-finite values show in the residuals
+
     def __init__(self, y, z, compute_dtype, beta, backend):
         self.y, self.z = y, z
         self.compute_dtype = compute_dtype
@@ -41,6 +43,18 @@ class FloatStates:
         if start is not None:
             y.copy_(start)
         return cls(y, y.clone(), compute_dtype, beta, backend)
+
+    @property
+    def residual_dtype(self) -> torch.dtype:
+        """The dtype :meth:`residual` returns."""
+        return torch.float64 if self.z.dtype == torch.float64 else torch.float32
+
+    def finish_forward(self) -> None:
+        """Called once when the forward loop ends (nothing to tidy up for float states)."""
+
+    def facts(self, steps: int) -> dict:
+        """Representation-specific entries for :class:`~revdeq_kernels.info.SolverInfo` (none here)."""
+        return {}
 
     def saved(self) -> tuple:
         """The tensors that must outlive the forward for the backward to start from."""
