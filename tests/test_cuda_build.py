@@ -1,11 +1,12 @@
 """Compile-time checks of the CUDA backend that need nvcc but no GPU, so CI runs them on every push.
 
 - tools/cuda_check.py: every kernel compiles for sm_80 and sm_90 without spilling to local memory.
-- The launcher csrc/cuda/ops_cuda.cpp compiles against the torch and CUDA headers (g++ -fsyntax-only).
+- The launchers csrc/cuda/*.cpp compile against the torch and CUDA headers (g++ -fsyntax-only).
 - The host-side split of n elements into a scalar head, 16-byte packs and a scalar tail (common.cuh)
   covers every element once with aligned packs, for every dtype pair and offset (a host program).
 """
 
+import glob
 import importlib.util
 import os
 import shutil
@@ -18,7 +19,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARCHS = ("sm_80", "sm_90")
-KERNELS = ("affine_update_kernel", "residual_kernel")
+KERNELS = ("affine_update_kernel", "residual_kernel", "multi_affine_kernel", "multi_residual_kernel")
 # The (state, f) template arguments every kernel is instantiated for: tests/op_cases.py DTYPE_PAIRS.
 PAIRS = ("double, double", "double, float", "double, __half", "double, __nv_bfloat16", "float, float",
          "float, __half", "float, __nv_bfloat16", "__half, __half", "__nv_bfloat16, __nv_bfloat16")
@@ -48,7 +49,7 @@ def _cuda_include_dir():
 
 
 def _syntax_check_launcher():
-    """g++ -fsyntax-only on ops_cuda.cpp with the flags the extension build gives it."""
+    """g++ -fsyntax-only on the launchers (csrc/cuda/*.cpp) with the flags the extension build gives them."""
     import torch.utils.cpp_extension as cpp_extension
 
     cxx = shutil.which("g++") or shutil.which("c++")
@@ -62,7 +63,7 @@ def _syntax_check_launcher():
            "-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE", f"-I{os.path.join(ROOT, 'csrc')}"]
     for include in [*cpp_extension.include_paths(), sysconfig.get_paths()["include"], _cuda_include_dir()]:
         cmd += ["-isystem", include]
-    cmd.append(os.path.join(ROOT, "csrc", "cuda", "ops_cuda.cpp"))
+    cmd += sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cpp")))
     proc = subprocess.run(cmd, capture_output=True, text=True)
     return proc.returncode, f"$ {' '.join(cmd)}\n{proc.stdout}{proc.stderr}"
 
