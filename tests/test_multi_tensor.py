@@ -465,6 +465,96 @@ def test_cuda_is_one_kernel_launch_per_op():
     assert len(kernels) == 2, kernels
 
 
+_COMPILED_TRITON_CHECK = """
+    import sys
+    import torch, triton
+    try:
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+        triton.runtime.driver.set_active
+    except (ImportError, AttributeError) as exc:
+        print("NO-OFFLINE-COMPILE", exc); sys.exit(0)
+
+    class Sm90:  # stands in for a GPU: torch asks the active driver which target to lower for
+        def get_current_target(self): return GPUTarget("cuda", 90, 32)
+        def get_active_torch_device(self): return torch.device("cuda", 0)
+        def get_current_device(self): return 0
+
+    triton.runtime.driver.set_active(Sm90())
+    from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch._subclasses.functional_tensor import dispatch_functionalize
+    from torch.fx.experimental.proxy_tensor import make_fx
+    from revdeq_kernels.backends import _triton_multi_kernels as K
+    from revdeq_kernels.backends import triton as tb
+    assert not tb.INTERPRETED
+
+    # 1. What torch.compile's functionalization sees: the kernels themselves, and only the states
+    #    (then the scratch buffers) as written, so nothing else gets cloned.
+    def step(states, fs):
+        torch.ops.revdeq.triton_multi_relax_(states, fs, 0.8)
+        return torch.ops.revdeq.triton_multi_residual(states, fs)
+    with FakeTensorMode():
+        states = [torch.empty(n, device="cuda") for n in (5000, 7, 300)]
+        fs = [torch.empty(n, device="cuda", dtype=torch.bfloat16) for n in (5000, 7, 300)]
+        graph = make_fx(dispatch_functionalize(step), tracing_mode="fake")(states, fs).graph
+    for node in graph.nodes:
+        if node.op == "call_function":
+            if "kernel_idx" in node.kwargs:
+                kernel = kernel_side_table.get_kernel(node.kwargs["kernel_idx"])
+                name = getattr(getattr(kernel, "base_fn", getattr(kernel, "fn", None)), "__name__", "-")
+                print("KERNEL", name, ",".join(node.kwargs["tensors_to_clone"]))
+            elif "revdeq" in str(node.target):
+                print("OPAQUE", node.target)
+
+    # 2. The sm_90 code: 16-byte accesses on aligned members, no atomics in residual.
+    def ptx(fn, signature, constexprs, aligned, num_warps):
+        attrs = {(i,): [["tt.divisibility", 16]] for i in aligned}
+        src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
+        return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps}).asm["ptx"]
+
+    dtypes = ["fp32", "fp64", "bf16", "fp32", "fp64", "bf16", "fp32", "fp32"]
+    fdtypes = ["bf16", "fp64", "bf16", "fp32", "fp32", "bf16", "fp16", "fp32"]
+    sig, aligned = {}, []
+    for k in range(8):
+        sig.update({f"s{k}": "*" + dtypes[k], f"f{k}": "*" + fdtypes[k], f"n{k}": "i64"})
+        aligned += [3 * k, 3 * k + 1]
+    sig.update({"a_bits": "i64", "b_bits": "i64", "total": "i64", "COUNT": "constexpr", "BLOCK": "constexpr"})
+    code = ptx(K.multi_affine_kernel, sig, {"COUNT": 8, "BLOCK": 4096}, aligned, 8)
+    print("AFFINE", "ld.global.v4.b32" in code, "st.global.v4.b32" in code, "ld.global.v2.b64" in code)
+    sig = {}
+    for k in range(8):
+        sig.update({f"z{k}": "*" + dtypes[k], f"f{k}": "*" + fdtypes[k], f"n{k}": "i32"})
+    sig.update({"partials_ptr": "*fp64", "tiles": "i32", "offset": "i32", "stride": "i32", "COUNT": "constexpr",
+                "BLOCK": "constexpr"})
+    code = ptx(K.multi_residual_partials_kernel, sig, {"COUNT": 8, "BLOCK": 4096}, aligned + [24], 8)
+    print("RESIDUAL", "ld.global.v4.b32" in code, "ld.global.v2.b64" in code, "atom" not in code)
+    ptx(K.multi_residual_finish_kernel, {"partials_ptr": "*fp64", "out_ptr": "*fp32", "count": "i32",
+                                         "BLOCK": "constexpr"}, {"BLOCK": 1024}, [0, 1], 4)
+    print("FINISH ok")
+"""
+
+
+@pytest.mark.skipif(TRITON_REASON is not None, reason=f"triton unavailable: {TRITON_REASON}")
+def test_compiled_triton_kernels_trace_write_only_states_and_vectorize_for_sm90():
+    # Without the interpreter, in a fresh process, with sm_90 as the (offline) target: no GPU needed.
+    import sys
+    import textwrap
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", textwrap.dedent(_COMPILED_TRITON_CHECK)], capture_output=True,
+                         text=True, cwd=os.path.dirname(__file__), env=env, timeout=300)
+    if "NO-OFFLINE-COMPILE" in out.stdout:
+        pytest.skip(f"this triton cannot compile offline: {out.stdout.strip()}")
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = out.stdout.splitlines()
+    assert not [line for line in lines if line.startswith("OPAQUE")], lines
+    assert [line for line in lines if line.startswith("KERNEL")] == [
+        "KERNEL multi_affine_kernel s0,s1,s2", "KERNEL multi_residual_partials_kernel partials_ptr",
+        "KERNEL multi_residual_finish_kernel out_ptr"], lines
+    assert "AFFINE True True True" in lines and "RESIDUAL True True True" in lines and "FINISH ok" in lines, lines
+
+
 # ---------------------------------------------------------------------------------------------------
 # GPU only: sizes and member counts past one launch
 
