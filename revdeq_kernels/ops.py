@@ -395,10 +395,15 @@ def unrelax_fixed_(state: torch.Tensor, f_val: torch.Tensor, beta, remainder: to
 # name that lacks them raises.
 
 _SEQUENCES = (tuple, list)
+# (state dtype, f dtype) pairs the ops accept: f as precise as the state or less.
+_PAIRS = frozenset((a, b) for a in FLOAT_DTYPES for b in FLOAT_DTYPES if torch.promote_types(a, b) == a)
 
 
 def _check_sequences(op: str, a_name: str, a_seq, b_name: str, b_seq) -> None:
-    """Lengths, each (a[i], b[i]) pair as in the single-tensor op, and one device for all."""
+    """Lengths, each (a[i], b[i]) pair as in the single-tensor op, and one device for all.
+
+    One cheap pass over the members; only when it finds a problem does the member-by-member pass
+    run, to name the first bad member and what is wrong with it."""
     if not isinstance(b_seq, _SEQUENCES):
         kind = type(a_seq).__name__
         raise TypeError(f"{op}: {a_name} must be a torch.Tensor, got {kind}; as a tuple state ({kind} of tensors) it "
@@ -407,39 +412,66 @@ def _check_sequences(op: str, a_name: str, a_seq, b_name: str, b_seq) -> None:
         raise ValueError(f"{op}: {a_name} is an empty {type(a_seq).__name__}; pass at least one tensor")
     if len(b_seq) != len(a_seq):
         raise ValueError(f"{op}: {b_name} has {len(b_seq)} tensors but {a_name} has {len(a_seq)}")
-    device = None
+    device = getattr(a_seq[0], "device", None)
+    grad = torch.is_grad_enabled()
+    for a, b in zip(a_seq, b_seq):
+        if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and (a.dtype, b.dtype) in _PAIRS
+                and a.device == device and b.device == device and a.shape == b.shape
+                and not (grad and (a.requires_grad or b.requires_grad))):
+            _explain_sequences(op, a_name, a_seq, b_name, b_seq)
+
+
+def _explain_sequences(op: str, a_name: str, a_seq, b_name: str, b_seq) -> None:
+    """Raises the error of the first bad member (the checks of the single-tensor ops, plus one device)."""
     for i, (a, b) in enumerate(zip(a_seq, b_seq)):
         _check_pair(op, f"{a_name}[{i}]", a, f"{b_name}[{i}]", b)
-        if device is None:
-            device = a.device
-        elif a.device != device:
-            raise ValueError(f"{op}: {a_name}[{i}] is on {a.device} but {a_name}[0] is on {device}; all tensors "
-                             "of one call must be on one device")
+        if a.device != a_seq[0].device:
+            raise ValueError(f"{op}: {a_name}[{i}] is on {a.device} but {a_name}[0] is on {a_seq[0].device}; all "
+                             "tensors of one call must be on one device")
+    raise AssertionError(f"{op}: the argument checks disagree about {a_name} and {b_name}")  # a bug, not bad input
+
+
+def _address_range(t: torch.Tensor) -> tuple:
+    """[first byte, one past the last byte) that t's elements span in memory (strides are never negative)."""
+    span = t.numel() if t.is_contiguous() else 1 + sum((n - 1) * st for n, st in zip(t.shape, t.stride()))
+    start = t.data_ptr()
+    return start, start + span * t.element_size()
 
 
 def _check_multi_memory(op: str, states, f_vals) -> None:
-    """No state overlaps itself, another state, or any f value (byte ranges, as _may_share_memory)."""
-    by_storage = {}
+    """No state overlaps itself, another state, or any f value; f values may overlap each other.
+
+    Compares the address ranges the tensors span (so, like the single-tensor check, it is exact for
+    dense tensors and may flag interleaved strided views): sorted by start, a range that begins before
+    the furthest end seen so far intersects the range with that end."""
+    ranges = []
     for i, state in enumerate(states):
-        if torch._debug_has_internal_overlap(state) == 1:
+        if not state.is_contiguous() and torch._debug_has_internal_overlap(state) == 1:
             raise ValueError(f"{op}: state[{i}] has internal overlap (e.g. an expanded view); an in-place "
                              "update would write some elements more than once")
         if state.numel() > 0:
-            by_storage.setdefault(state.untyped_storage().data_ptr(), []).append(("state", i, state))
+            ranges.append((*_address_range(state), 0, i))
     for i, f in enumerate(f_vals):
         if f.numel() > 0:
-            key = f.untyped_storage().data_ptr()
-            if key in by_storage:  # only storages that hold a state can conflict
-                by_storage[key].append(("f_val", i, f))
-    for group in by_storage.values():
-        for k, (a_name, i, a) in enumerate(group):
-            for b_name, j, b in group[k + 1:]:
-                if a_name == "state" and _may_share_memory(a, b):
-                    if b_name == "state":
-                        raise ValueError(f"{op}: state[{j}] shares memory with state[{i}]; the in-place updates "
-                                         "would write the same memory twice (pass distinct tensors)")
-                    raise ValueError(f"{op}: f_val[{j}] shares memory with state[{i}]; the in-place update "
-                                     f"would read values it has already overwritten (pass f_val[{j}].clone())")
+            ranges.append((*_address_range(f), 1, i))
+    ranges.sort()
+    furthest = furthest_state = None  # (end, kind, index) of the range reaching furthest, of any kind / a state
+    for start, end, kind, i in ranges:
+        other = furthest if kind == 0 else furthest_state  # f values only conflict with states
+        if other is not None and start < other[0]:
+            (_, other_kind, j), name = other, "state" if kind == 0 else "f_val"
+            if other_kind == 1:  # the earlier range is an f value, the later a state
+                raise ValueError(f"{op}: f_val[{j}] shares memory with state[{i}]; the in-place update would read "
+                                 f"values it has already overwritten (pass f_val[{j}].clone())")
+            if name == "f_val":
+                raise ValueError(f"{op}: f_val[{i}] shares memory with state[{j}]; the in-place update would read "
+                                 f"values it has already overwritten (pass f_val[{i}].clone())")
+            raise ValueError(f"{op}: state[{i}] shares memory with state[{j}]; the in-place updates would write the "
+                             "same memory twice (pass distinct tensors)")
+        if furthest is None or end > furthest[0]:
+            furthest = (end, kind, i)
+        if kind == 0 and (furthest_state is None or end > furthest_state[0]):
+            furthest_state = (end, kind, i)
 
 
 def _multi_update(op: str, inverse: bool, states, f_vals, beta, backend):

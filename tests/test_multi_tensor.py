@@ -255,6 +255,37 @@ def test_f_values_may_share_memory_and_errors_leave_states_untouched():
     assert all(torch.equal(s, b) for s, b in zip(states, before)), "a failed call must not update any member"
 
 
+def test_shared_memory_check_agrees_with_pairwise_comparison():
+    # The sort-and-sweep check against comparing every (state, other tensor) pair, on random slices of
+    # two buffers: contiguous and strided, states and f values overlapping or not, nested or adjacent.
+    g = torch.Generator().manual_seed(5)
+    buffers = (torch.randn(64), torch.randn(64))
+
+    def random_view(n):
+        buf = buffers[int(torch.randint(2, (1,), generator=g))]
+        step = int(torch.randint(1, 3, (1,), generator=g))
+        start = int(torch.randint(0, 64 - step * (n - 1), (1,), generator=g))
+        return buf[start:start + step * (n - 1) + 1:step]
+
+    raised = 0
+    for _ in range(300):
+        count = int(torch.randint(1, 5, (1,), generator=g))
+        sizes = [int(torch.randint(1, 12, (1,), generator=g)) for _ in range(count)]
+        states = tuple(random_view(n) for n in sizes)
+        fs = tuple(random_view(n) if torch.rand(1, generator=g) < 0.7 else torch.randn(n) for n in sizes)
+        pairwise = any(ops._may_share_memory(a, b) for i, a in enumerate(states)
+                       for b in states[i + 1:] + fs)
+        try:
+            ops._check_multi_memory("relax_", states, fs)
+        except ValueError as exc:
+            raised += 1
+            assert pairwise, f"flagged without a shared byte: {exc}"
+            assert "shares memory with state[" in str(exc), exc
+        else:
+            assert not pairwise, "missed a state sharing memory"
+    assert 30 < raised < 270, f"{raised} of 300 random calls shared memory: the cases are not mixed enough"
+
+
 @pytest.mark.skipif(not HAVE_CPP, reason="the C++ extension is not built")
 def test_direct_cpp_op_calls_check_their_arguments():
     op = torch.ops.revdeq
