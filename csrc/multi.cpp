@@ -2,8 +2,11 @@
 
 #include <ATen/MemoryOverlap.h>
 
+#include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <string>
+#include <vector>
 
 #include "checks.h"
 
@@ -24,9 +27,50 @@ void check_lists(const char* op, const char* a_name, at::TensorList a, const cha
   }
 }
 
-bool overlaps(const at::Tensor& a, const at::Tensor& b) {
-  const auto status = at::get_overlap_status(a, b);
-  return status == at::MemOverlapStatus::Full || status == at::MemOverlapStatus::Partial;
+// The bytes [begin, end) a non-empty tensor's elements span (strides are never negative), and which
+// argument it is: states[index] (is_state) or f_vals[index].
+struct AddressRange {
+  uintptr_t begin;
+  uintptr_t end;
+  bool is_state;
+  size_t index;
+};
+
+AddressRange address_range(const at::Tensor& t, bool is_state, size_t index) {
+  int64_t span = 1;
+  for (int64_t d = 0; d < t.dim(); ++d) span += (t.size(d) - 1) * t.stride(d);
+  const auto begin = reinterpret_cast<uintptr_t>(t.data_ptr());
+  return {begin, begin + static_cast<uintptr_t>(span) * t.element_size(), is_state, index};
+}
+
+// No state's range meets another state's or an f value's (f values may meet each other): sorted by
+// start, a range that begins before the furthest end seen so far intersects the range with that end.
+// Exact for dense tensors; interleaved strided views count as sharing, as in revdeq_kernels/ops.py.
+void check_no_shared_memory(const char* op, at::TensorList states, at::TensorList f_vals) {
+  std::vector<AddressRange> ranges;
+  ranges.reserve(states.size() + f_vals.size());
+  for (size_t i = 0; i < states.size(); ++i) {
+    if (states[i].numel() > 0) ranges.push_back(address_range(states[i], true, i));
+  }
+  for (size_t i = 0; i < f_vals.size(); ++i) {
+    if (f_vals[i].numel() > 0) ranges.push_back(address_range(f_vals[i], false, i));
+  }
+  std::sort(ranges.begin(), ranges.end(), [](const AddressRange& a, const AddressRange& b) {
+    return a.begin != b.begin ? a.begin < b.begin : (a.is_state != b.is_state ? a.is_state : a.index < b.index);
+  });
+  const AddressRange* furthest = nullptr;        // of any kind
+  const AddressRange* furthest_state = nullptr;  // of the states
+  for (const AddressRange& r : ranges) {
+    const AddressRange* other = r.is_state ? furthest : furthest_state;
+    if (other != nullptr && r.begin < other->end) {
+      const AddressRange& state = other->is_state ? *other : r;
+      const AddressRange& rest = other->is_state ? r : *other;
+      TORCH_CHECK_VALUE(false, op, ": ", rest.is_state ? "states[" : "f_vals[", rest.index,
+                        "] shares memory with states[", state.index, "]");
+    }
+    if (furthest == nullptr || r.end > furthest->end) furthest = &r;
+    if (r.is_state && (furthest_state == nullptr || r.end > furthest_state->end)) furthest_state = &r;
+  }
 }
 
 }  // namespace
@@ -40,13 +84,8 @@ void check_multi_pointwise(const char* op, at::TensorList states, at::TensorList
     TORCH_CHECK_VALUE(at::has_internal_overlap(states[i]) != at::MemOverlap::Yes, op, ": states[", i,
                       "] has internal overlap (e.g. an expanded view); an in-place update would write some "
                       "elements more than once");
-    for (size_t j = 0; j < i; ++j) {
-      TORCH_CHECK_VALUE(!overlaps(states[i], states[j]), op, ": states[", i, "] shares memory with states[", j, "]");
-    }
-    for (size_t j = 0; j < f_vals.size(); ++j) {
-      TORCH_CHECK_VALUE(!overlaps(states[i], f_vals[j]), op, ": f_vals[", j, "] shares memory with states[", i, "]");
-    }
   }
+  if (states[0].device().type() != c10::DeviceType::Meta) check_no_shared_memory(op, states, f_vals);
 }
 
 void check_multi_residual(at::TensorList zs, at::TensorList fzs, c10::DeviceType device_type) {

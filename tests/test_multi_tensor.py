@@ -283,6 +283,13 @@ def test_shared_memory_check_agrees_with_pairwise_comparison():
             assert "shares memory with state[" in str(exc), exc
         else:
             assert not pairwise, "missed a state sharing memory"
+        if HAVE_CPP:  # the C++ op's own check (it updates the states when it accepts them; they are random)
+            try:
+                torch.ops.revdeq.multi_relax_(list(states), list(fs), 0.5)
+            except ValueError as exc:
+                assert pairwise and "shares memory with states[" in str(exc), exc
+            else:
+                assert not pairwise, "the C++ check missed a state sharing memory"
     assert 30 < raised < 270, f"{raised} of 300 random calls shared memory: the cases are not mixed enough"
 
 
