@@ -110,7 +110,8 @@ def _backend_for(op: str, device: torch.device, backend: str | None, kind: str =
 def _backend_name(op: str, device_type: str, requested: str, kind: str = "float") -> str:
     """The backend that serves `device_type` tensors for `requested`, loading its module into _modules.
 
-    kind "fixed" asks for a backend with the exact-mode ops (relax_fixed_, unrelax_fixed_)."""
+    kind "fixed" asks for a backend with the exact-mode ops (relax_fixed_, unrelax_fixed_), "multi" for
+    one with the multi-tensor ops (tuple states)."""
     key = (device_type, requested, kind)
     name = _resolved.get(key)
     if name is not None:
@@ -459,13 +460,11 @@ def _check_multi_memory(op: str, states, f_vals) -> None:
     for start, end, kind, i in ranges:
         other = furthest if kind == 0 else furthest_state  # f values only conflict with states
         if other is not None and start < other[0]:
-            (_, other_kind, j), name = other, "state" if kind == 0 else "f_val"
-            if other_kind == 1:  # the earlier range is an f value, the later a state
-                raise ValueError(f"{op}: f_val[{j}] shares memory with state[{i}]; the in-place update would read "
-                                 f"values it has already overwritten (pass f_val[{j}].clone())")
-            if name == "f_val":
-                raise ValueError(f"{op}: f_val[{i}] shares memory with state[{j}]; the in-place update would read "
-                                 f"values it has already overwritten (pass f_val[{i}].clone())")
+            _, other_kind, j = other
+            if kind == 1 or other_kind == 1:  # a state and an f value
+                f_index, state_index = (i, j) if kind == 1 else (j, i)
+                raise ValueError(f"{op}: f_val[{f_index}] shares memory with state[{state_index}]; the in-place "
+                                 f"update would read values it has already overwritten (pass f_val[{f_index}].clone())")
             raise ValueError(f"{op}: state[{i}] shares memory with state[{j}]; the in-place updates would write the "
                              "same memory twice (pass distinct tensors)")
         if furthest is None or end > furthest[0]:

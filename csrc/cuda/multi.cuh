@@ -1,6 +1,6 @@
 // How the multi-tensor kernels (multi.cu) split their members into chunks, one block per chunk at
 // a time. Host and device functions, so a host program can check the split without a GPU
-// (tests/test_cuda_build.py).
+// (tests/test_multi_tensor.py, test_cuda_chunks_cover_every_element_once).
 //
 // A member's elements are planned as for the single-tensor kernels (plan_span: scalar head, 16-byte
 // packs, scalar tail; all scalar when no head aligns both pointers). Chunk c of a member takes packs
