@@ -11,6 +11,8 @@ bool supported_dtype(at::ScalarType t) {
   return t == at::kDouble || t == at::kFloat || t == at::kHalf || t == at::kBFloat16;
 }
 
+}  // namespace
+
 void check_pair(const char* op, const char* state_name, const at::Tensor& state, const char* f_name,
                 const at::Tensor& f, c10::DeviceType device_type) {
   TORCH_CHECK_VALUE(state.defined() && f.defined(), op, ": ", state_name, " and ", f_name,
@@ -29,8 +31,6 @@ void check_pair(const char* op, const char* state_name, const at::Tensor& state,
   TORCH_CHECK_VALUE(f.sizes() == state.sizes(), op, ": ", f_name, " has shape ", f.sizes(), " but ",
                     state_name, " has shape ", state.sizes());
 }
-
-}  // namespace
 
 void check_pointwise(const char* op, const at::Tensor& state, const at::Tensor& f_val, double beta,
                      c10::DeviceType device_type) {

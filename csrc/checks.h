@@ -6,6 +6,11 @@
 
 namespace revdeq {
 
+// One (state, f) pair: both defined, on device_type, same device and shape, supported dtypes, and f
+// no more precise than state. The names are the ones the messages use (e.g. "state[2]").
+void check_pair(const char* op, const char* state_name, const at::Tensor& state, const char* f_name,
+                const at::Tensor& f, c10::DeviceType device_type);
+
 // relax_ / unrelax_: state is updated in place from f_val.
 void check_pointwise(const char* op, const at::Tensor& state, const at::Tensor& f_val, double beta,
                      c10::DeviceType device_type);

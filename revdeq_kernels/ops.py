@@ -6,6 +6,9 @@
     relax_fixed_(state, f_val, beta, remainder)    the same update in int64 fixed point, bit-reversible
     unrelax_fixed_(state, f_val, beta, remainder)  its exact inverse (see fixed_point.py)
 
+relax_, unrelax_ and residual also take a tuple or list of tensors on both sides (tuple states, as
+multiscale DEQs keep them): every pair is updated, or summed, by one multi-tensor op call.
+
 Backend choice: `backend=` argument, else the REVDEQ_BACKEND environment variable, else `auto`,
 which tries, for CUDA tensors: cuda (compiled extension), triton, reference; for CPU tensors:
 cpp (compiled extension), reference. A backend asked for by name that cannot serve the tensors
@@ -20,6 +23,7 @@ import torch
 
 from . import backends
 from . import fixed_point as fxp
+from .backends.reference import multi_residual_dtype
 
 FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 _DTYPE_NAMES = "float64, float32, float16 or bfloat16"
@@ -106,7 +110,8 @@ def _backend_for(op: str, device: torch.device, backend: str | None, kind: str =
 def _backend_name(op: str, device_type: str, requested: str, kind: str = "float") -> str:
     """The backend that serves `device_type` tensors for `requested`, loading its module into _modules.
 
-    kind "fixed" asks for a backend with the exact-mode ops (relax_fixed_, unrelax_fixed_)."""
+    kind "fixed" asks for a backend with the exact-mode ops (relax_fixed_, unrelax_fixed_), "multi" for
+    one with the multi-tensor ops (tuple states)."""
     key = (device_type, requested, kind)
     name = _resolved.get(key)
     if name is not None:
@@ -149,10 +154,20 @@ def relax_(state: torch.Tensor, f_val: torch.Tensor, beta: float, *, backend: st
     Arithmetic is float64 for float64 states and float32 otherwise, rounded once to ``state.dtype``.
     Empty tensors are a no-op.
 
+    Tuple states: ``state`` and ``f_val`` may both be tuples (or lists) of tensors of equal length;
+    each ``state[i]`` is updated from ``f_val[i]`` under the rules above, all of them by one
+    multi-tensor op call, and ``state`` itself is returned. Members may differ in shape, layout and
+    dtype pair; they must share one device, and no state may share memory with any other tensor
+    of the call.
+
     Example:
         >>> y, fz = torch.randn(1024), torch.randn(1024)
         >>> relax_(y, fz, 0.8)  # y is now 0.2 * y + 0.8 * fz
+        >>> ys, fs = (torch.randn(64, 32), torch.randn(16, 8)), (torch.randn(64, 32), torch.randn(16, 8))
+        >>> relax_(ys, fs, 0.8)  # both members, one call
     """
+    if isinstance(state, _SEQUENCES):
+        return _multi_update("relax_", False, state, f_val, beta, backend)
     beta = _check_pointwise("relax_", state, f_val, beta)
     if state.numel() > 0:
         _backend_for("relax_", state.device, backend).relax_(state, f_val, beta)
@@ -162,8 +177,8 @@ def relax_(state: torch.Tensor, f_val: torch.Tensor, beta: float, *, backend: st
 def unrelax_(state: torch.Tensor, f_val: torch.Tensor, beta: float, *, backend: str | None = None):
     """In place: ``state = (state - beta * f_val) / (1 - beta)``, the inverse of :func:`relax_`.
 
-    Same argument rules as :func:`relax_`; returns ``state``. Rounding is amplified by
-    ``1 / |1 - beta|`` per call, which is why RevDEQ keeps its states in float64 by default.
+    Same argument rules as :func:`relax_` (tuple states included); returns ``state``. Rounding is
+    amplified by ``1 / |1 - beta|`` per call, which is why RevDEQ keeps its states in float64 by default.
 
     Example:
         >>> y, fz = torch.randn(1024, dtype=torch.float64), torch.randn(1024, dtype=torch.float64)
@@ -172,6 +187,8 @@ def unrelax_(state: torch.Tensor, f_val: torch.Tensor, beta: float, *, backend: 
         >>> torch.allclose(y, y0)
         True
     """
+    if isinstance(state, _SEQUENCES):
+        return _multi_update("unrelax_", True, state, f_val, beta, backend)
     beta = _check_pointwise("unrelax_", state, f_val, beta)
     if state.numel() > 0:
         _backend_for("unrelax_", state.device, backend).unrelax_(state, f_val, beta)
@@ -191,10 +208,18 @@ def residual(z: torch.Tensor, fz: torch.Tensor, *, backend: str | None = None) -
         float64), float32 otherwise (accumulated in at least float32). Zeros for empty inputs.
         The relative residual is ``(out[0] / out[1]).sqrt()``.
 
+    Tuple states: ``z`` and ``fz`` may both be tuples (or lists) of tensors of equal length; the
+    result is then the sums over all pairs together, from one multi-tensor op call. It is float64
+    when any ``z[i]`` is float64, float32 otherwise; each pair is accumulated as above and the pairs
+    are added in float64.
+
     Example:
         >>> z, fz = torch.randn(1000), torch.randn(1000)
         >>> d2, f2 = residual(z, fz)
+        >>> d2, f2 = residual((z, z[:10]), (fz, fz[:10]))  # over both pairs
     """
+    if isinstance(z, _SEQUENCES):
+        return _multi_residual(z, fz, backend)
     _check_pair("residual", "z", z, "fz", fz)
     if z.numel() == 0:
         return torch.zeros(2, dtype=torch.float64 if z.dtype == torch.float64 else torch.float32,
@@ -359,3 +384,116 @@ def unrelax_fixed_(state: torch.Tensor, f_val: torch.Tensor, beta, remainder: to
         True
     """
     return _fixed_update("unrelax_fixed_", True, state, f_val, beta, remainder, frac_bits, status, backend)
+
+
+# ---------------------------------------------------------------------------------------------
+# Multi-tensor (tuple) states: relax_, unrelax_ and residual on tuples or lists of tensors.
+#
+# Every member follows the single-tensor rules (dtype pairs, shapes, layouts, empty members); on
+# top of that the call needs a non-empty sequence on both sides of one length, one device for all
+# tensors, and no state sharing memory with any other tensor of the call (f values may share
+# memory with each other: they are only read). Members of different dtype pairs mix freely.
+# residual returns float64 when any z is float64, float32 otherwise.
+#
+# The backend gets all pairs at once, as lists, and serves them with one op call: cpp with one
+# parallel loop over all members; cuda with one kernel launch per dtype pair among the members (and
+# per 64 members), so one launch in the common case; triton with one launch per 8 members (plus one
+# to finish residual). Only the reference backend, the oracle and last fallback, loops over the
+# members in Python. `auto` picks a backend only if it has multi-tensor kernels; one asked for by
+# name that lacks them raises.
+
+_SEQUENCES = (tuple, list)
+# (state dtype, f dtype) pairs the ops accept: f as precise as the state or less.
+_PAIRS = frozenset((a, b) for a in FLOAT_DTYPES for b in FLOAT_DTYPES if torch.promote_types(a, b) == a)
+
+
+def _check_sequences(op: str, a_name: str, a_seq, b_name: str, b_seq) -> None:
+    """Lengths, each (a[i], b[i]) pair as in the single-tensor op, and one device for all.
+
+    One cheap pass over the members; only when it finds a problem does the member-by-member pass
+    run, to name the first bad member and what is wrong with it."""
+    if not isinstance(b_seq, _SEQUENCES):
+        kind = type(a_seq).__name__
+        raise TypeError(f"{op}: {a_name} must be a torch.Tensor, got {kind}; as a tuple state ({kind} of tensors) it "
+                        f"needs {b_name} to be a tuple or list of as many tensors, got {type(b_seq).__name__}")
+    if len(a_seq) == 0:
+        raise ValueError(f"{op}: {a_name} is an empty {type(a_seq).__name__}; pass at least one tensor")
+    if len(b_seq) != len(a_seq):
+        raise ValueError(f"{op}: {b_name} has {len(b_seq)} tensors but {a_name} has {len(a_seq)}")
+    device = getattr(a_seq[0], "device", None)
+    grad = torch.is_grad_enabled()
+    for a, b in zip(a_seq, b_seq):
+        if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and (a.dtype, b.dtype) in _PAIRS
+                and a.device == device and b.device == device and a.shape == b.shape
+                and not (grad and (a.requires_grad or b.requires_grad))):
+            _explain_sequences(op, a_name, a_seq, b_name, b_seq)
+
+
+def _explain_sequences(op: str, a_name: str, a_seq, b_name: str, b_seq) -> None:
+    """Raises the error of the first bad member (the checks of the single-tensor ops, plus one device)."""
+    for i, (a, b) in enumerate(zip(a_seq, b_seq)):
+        _check_pair(op, f"{a_name}[{i}]", a, f"{b_name}[{i}]", b)
+        if a.device != a_seq[0].device:
+            raise ValueError(f"{op}: {a_name}[{i}] is on {a.device} but {a_name}[0] is on {a_seq[0].device}; all "
+                             "tensors of one call must be on one device")
+    raise AssertionError(f"{op}: the argument checks disagree about {a_name} and {b_name}")  # a bug, not bad input
+
+
+def _address_range(t: torch.Tensor) -> tuple:
+    """[first byte, one past the last byte) that t's elements span in memory (strides are never negative)."""
+    span = t.numel() if t.is_contiguous() else 1 + sum((n - 1) * st for n, st in zip(t.shape, t.stride()))
+    start = t.data_ptr()
+    return start, start + span * t.element_size()
+
+
+def _check_multi_memory(op: str, states, f_vals) -> None:
+    """No state overlaps itself, another state, or any f value; f values may overlap each other.
+
+    Compares the address ranges the tensors span (so, like the single-tensor check, it is exact for
+    dense tensors and may flag interleaved strided views): sorted by start, a range that begins before
+    the furthest end seen so far intersects the range with that end."""
+    ranges = []
+    for i, state in enumerate(states):
+        if not state.is_contiguous() and torch._debug_has_internal_overlap(state) == 1:
+            raise ValueError(f"{op}: state[{i}] has internal overlap (e.g. an expanded view); an in-place "
+                             "update would write some elements more than once")
+        if state.numel() > 0:
+            ranges.append((*_address_range(state), 0, i))
+    for i, f in enumerate(f_vals):
+        if f.numel() > 0:
+            ranges.append((*_address_range(f), 1, i))
+    ranges.sort()
+    furthest = furthest_state = None  # (end, kind, index) of the range reaching furthest, of any kind / a state
+    for start, end, kind, i in ranges:
+        other = furthest if kind == 0 else furthest_state  # f values only conflict with states
+        if other is not None and start < other[0]:
+            _, other_kind, j = other
+            if kind == 1 or other_kind == 1:  # a state and an f value
+                f_index, state_index = (i, j) if kind == 1 else (j, i)
+                raise ValueError(f"{op}: f_val[{f_index}] shares memory with state[{state_index}]; the in-place "
+                                 f"update would read values it has already overwritten (pass f_val[{f_index}].clone())")
+            raise ValueError(f"{op}: state[{i}] shares memory with state[{j}]; the in-place updates would write the "
+                             "same memory twice (pass distinct tensors)")
+        if furthest is None or end > furthest[0]:
+            furthest = (end, kind, i)
+        if kind == 0 and (furthest_state is None or end > furthest_state[0]):
+            furthest_state = (end, kind, i)
+
+
+def _multi_update(op: str, inverse: bool, states, f_vals, beta, backend):
+    _check_sequences(op, "state", states, "f_val", f_vals)
+    beta = check_beta(op, beta)
+    # Storage pointers do not exist while tracing, nor on meta tensors (all of whose storages start at 0).
+    if not torch.compiler.is_compiling() and states[0].device.type != "meta":
+        _check_multi_memory(op, states, f_vals)
+    if any(s.numel() > 0 for s in states):
+        impl = _backend_for(op, states[0].device, backend, "multi")
+        (impl.multi_unrelax_ if inverse else impl.multi_relax_)(list(states), list(f_vals), beta)
+    return states
+
+
+def _multi_residual(zs, fzs, backend) -> torch.Tensor:
+    _check_sequences("residual", "z", zs, "fz", fzs)
+    if all(z.numel() == 0 for z in zs):
+        return torch.zeros(2, dtype=multi_residual_dtype(zs), device=zs[0].device)
+    return _backend_for("residual", zs[0].device, backend, "multi").multi_residual(list(zs), list(fzs))

@@ -1,7 +1,7 @@
 """Compile-time checks of the CUDA backend that need nvcc but no GPU, so CI runs them on every push.
 
 - tools/cuda_check.py: every kernel compiles for sm_80 and sm_90 without spilling to local memory.
-- The launchers csrc/cuda/ops_cuda.cpp and fixed_cuda.cpp compile against the torch and CUDA headers
+- The launchers csrc/cuda/ops_cuda.cpp, fixed_cuda.cpp and multi_cuda.cpp compile against the torch and CUDA headers
   (g++ -fsyntax-only).
 - The host-side split of n elements into a scalar head, 16-byte packs and a scalar tail (common.cuh)
   covers every element once with aligned packs, for every dtype pair and offset (a host program).
@@ -9,6 +9,7 @@
   revdeq_kernels/fixed_point.py and unpacks them again, for every m (a host program emulating a warp).
 """
 
+import glob
 import importlib.util
 import os
 import shutil
@@ -21,7 +22,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARCHS = ("sm_80", "sm_90")
-KERNELS = ("affine_update_kernel", "residual_kernel")
+KERNELS = ("affine_update_kernel", "residual_kernel", "multi_affine_kernel", "multi_residual_kernel")
 # The (state, f) template arguments every kernel is instantiated for: tests/op_cases.py DTYPE_PAIRS.
 PAIRS = ("double, double", "double, float", "double, __half", "double, __nv_bfloat16", "float, float",
          "float, __half", "float, __nv_bfloat16", "__half, __half", "__nv_bfloat16, __nv_bfloat16")
@@ -30,7 +31,7 @@ FIXED_KERNELS = ("relax_fixed_kernel", "unrelax_fixed_kernel")
 F_TYPES = ("double", "float", "__half", "__nv_bfloat16")
 EXPECTED_KERNELS = [f"{kernel}<{pair}>" for kernel in KERNELS for pair in PAIRS] + [
     f"{kernel}<{f}>" for kernel in FIXED_KERNELS for f in F_TYPES]
-LAUNCHERS = ("ops_cuda.cpp", "fixed_cuda.cpp")
+LAUNCHERS = ("ops_cuda.cpp", "fixed_cuda.cpp", "multi_cuda.cpp")
 
 
 def _load_cuda_check():
@@ -291,6 +292,12 @@ def test_every_kernel_compiles_for_sm80_and_sm90_without_spills(compiled):
     assert not spilled, f"kernels using local memory: {spilled}\n{table}"
     assert all(0 < k.registers <= 64 for k in report.kernels), table
     assert report.ok
+
+
+def test_every_launcher_is_syntax_checked():
+    # A new csrc/cuda/*.cpp must join LAUNCHERS, or CI would never compile it.
+    found = sorted(os.path.basename(p) for p in glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cpp")))
+    assert found == sorted(LAUNCHERS)
 
 
 @pytest.mark.parametrize("launcher", LAUNCHERS)

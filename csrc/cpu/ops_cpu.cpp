@@ -1,95 +1,30 @@
 // C++ CPU kernels for relax_, unrelax_ and residual, registered for the CPU dispatch key.
-// The pointwise ops are plain loops over __restrict__ pointers that the compiler vectorizes at -O3;
-// the reduction uses explicit vector types. Both are parallelized with at::parallel_for; half types
-// are widened to float for the arithmetic.
+// The per-range loops live in loops.h (the pointwise one vectorized by the compiler, the reduction
+// with explicit vector types); here they are parallelized with at::parallel_for. Half types are
+// widened to float for the arithmetic.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
-#include <cstring>
-#include <type_traits>
 #include <vector>
 
 #include "checks.h"
 #include "dispatch.h"
 #include "layout.h"
+#include "loops.h"
 
 namespace revdeq {
 namespace {
 
-constexpr int64_t kPointwiseGrain = 1 << 15;
-// residual sums fixed chunks into partials and adds the partials in order, so the result does not
-// depend on the number of threads.
-constexpr int64_t kResidualChunk = 1 << 16;
-// Inside a chunk, four vector accumulators (independent dependency chains) are flushed into double
-// every kFlush elements, which bounds the float32 rounding error.
-constexpr int64_t kFlush = 1024;
+using cpu::kPointwiseGrain;
+using cpu::kResidualChunk;
 
 template <typename S, typename F>
-void affine_kernel(S* __restrict__ state, const F* __restrict__ f, int64_t n, double a, double b) {
+void affine_kernel(S* state, const F* f, int64_t n, double a, double b) {
   using acc_t = typename AccType<S>::type;
-  const acc_t ca = static_cast<acc_t>(a);
-  const acc_t cb = static_cast<acc_t>(b);
   at::parallel_for(0, n, kPointwiseGrain, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      state[i] = static_cast<S>(ca * static_cast<acc_t>(state[i]) + cb * static_cast<acc_t>(f[i]));
-    }
+    cpu::affine_range(state, f, begin, end, static_cast<acc_t>(a), static_cast<acc_t>(b));
   });
-}
-
-// GCC/Clang vector extensions: explicit SIMD without choosing an instruction set at build time.
-template <typename T>
-struct Vec {
-  static constexpr int kWidth = 32 / sizeof(T);
-  typedef T type __attribute__((vector_size(32)));
-};
-
-template <typename A, typename T>
-inline typename Vec<A>::type load_as(const T* p) {
-  typename Vec<A>::type v;
-  if constexpr (std::is_same_v<A, T>) {
-    std::memcpy(&v, p, sizeof(v));  // unaligned load
-  } else {
-    for (int k = 0; k < Vec<A>::kWidth; ++k) v[k] = static_cast<A>(p[k]);
-  }
-  return v;
-}
-
-template <typename Z, typename F>
-void residual_chunk(const Z* __restrict__ z, const F* __restrict__ f, int64_t begin, int64_t end,
-                    double* diff_sq, double* f_sq) {
-  using acc_t = typename AccType<Z>::type;
-  using vec_t = typename Vec<acc_t>::type;
-  constexpr int W = Vec<acc_t>::kWidth;
-  double dd = 0.0, ff = 0.0;
-  for (int64_t block = begin; block < end; block += kFlush) {
-    const int64_t stop = std::min(end, block + kFlush);
-    vec_t d_acc[4] = {};
-    vec_t f_acc[4] = {};
-    int64_t i = block;
-    for (; i + 4 * W <= stop; i += 4 * W) {
-      for (int u = 0; u < 4; ++u) {
-        const vec_t fv = load_as<acc_t>(f + i + u * W);
-        const vec_t d = load_as<acc_t>(z + i + u * W) - fv;
-        d_acc[u] += d * d;
-        f_acc[u] += fv * fv;
-      }
-    }
-    const vec_t d_sum = (d_acc[0] + d_acc[1]) + (d_acc[2] + d_acc[3]);
-    const vec_t f_sum = (f_acc[0] + f_acc[1]) + (f_acc[2] + f_acc[3]);
-    for (int k = 0; k < W; ++k) {
-      dd += static_cast<double>(d_sum[k]);
-      ff += static_cast<double>(f_sum[k]);
-    }
-    for (; i < stop; ++i) {
-      const acc_t fv = static_cast<acc_t>(f[i]);
-      const acc_t d = static_cast<acc_t>(z[i]) - fv;
-      dd += static_cast<double>(d * d);
-      ff += static_cast<double>(fv * fv);
-    }
-  }
-  *diff_sq = dd;
-  *f_sq = ff;
 }
 
 template <typename Z, typename F>
@@ -99,7 +34,7 @@ void residual_kernel(const Z* z, const F* f, int64_t n, double* sums) {
   at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
       const int64_t begin = c * kResidualChunk;
-      residual_chunk(z, f, begin, std::min(n, begin + kResidualChunk), &partial[2 * c], &partial[2 * c + 1]);
+      cpu::residual_range(z, f, begin, std::min(n, begin + kResidualChunk), &partial[2 * c], &partial[2 * c + 1]);
     }
   });
   sums[0] = sums[1] = 0.0;

@@ -3,8 +3,11 @@
 A backend module defines relax_(state, f_val, beta) -> None, unrelax_(...) -> None,
 residual(z, fz) -> Tensor and unavailable_reason(device_type) -> str | None. It may also
 implement exact mode: relax_fixed_ / unrelax_fixed_(state, f_val, remainder, status, p, m,
-frac_bits) -> None and fixed_unavailable_reason(device_type) -> str | None. Argument checks
-happen before, in revdeq_kernels/ops.py; backends may assume valid, non-empty inputs.
+frac_bits) -> None and fixed_unavailable_reason(device_type) -> str | None, and tuple states:
+multi_relax_ / multi_unrelax_(states: list, f_vals: list, beta) -> None, multi_residual(zs, fzs)
+-> Tensor and multi_unavailable_reason(device_type) -> str | None (members may be empty; the
+residual dtype rule is reference.multi_residual_dtype). Argument checks happen before, in
+revdeq_kernels/ops.py; backends may assume valid, non-empty inputs.
 """
 
 import importlib
@@ -41,7 +44,8 @@ def load(name: str):
 def unavailable_reason(name: str, device_type: str, kind: str = "float") -> str | None:
     """None when backend `name` can run ops on tensors of `device_type` here, else why not.
 
-    kind "float" asks for relax_/unrelax_/residual, "fixed" for the exact-mode ops."""
+    kind "float" asks for relax_/unrelax_/residual, "fixed" for the exact-mode ops, "multi" for the
+    multi-tensor (tuple state) ops."""
     _, devices = _BACKENDS[name]
     if devices is not None and device_type not in devices:
         return f"it serves {' and '.join(devices)} tensors only"
@@ -53,6 +57,9 @@ def unavailable_reason(name: str, device_type: str, kind: str = "float") -> str 
         fixed_reason = getattr(module, "fixed_unavailable_reason", None)
         reason = (fixed_reason(device_type) if fixed_reason is not None
                   else "it has no fixed-point (exact mode) kernels yet")
+    if reason is None and kind == "multi":
+        multi_reason = getattr(module, "multi_unavailable_reason", None)
+        reason = multi_reason(device_type) if multi_reason is not None else "it has no multi-tensor kernels yet"
     if reason is None and device_type == "cuda" and not torch.cuda.is_available():
         reason = "no CUDA device is visible"
     return reason

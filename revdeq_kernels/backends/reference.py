@@ -39,6 +39,40 @@ def residual(z: torch.Tensor, fz: torch.Tensor) -> torch.Tensor:
     return torch.stack([diff.square().sum(), f.square().sum()])
 
 
+# Tuple states. The oracle loops over the members with the single-tensor functions above: the
+# compiled backends do the same arithmetic per element in one op call.
+
+
+def multi_unavailable_reason(device_type: str) -> str | None:
+    return None
+
+
+def multi_residual_dtype(zs) -> torch.dtype:
+    """residual's dtype for a sequence of z: float64 when any member is float64, float32 otherwise."""
+    return torch.float64 if any(z.dtype == torch.float64 for z in zs) else torch.float32
+
+
+def multi_relax_(states: list, f_vals: list, beta: float) -> None:
+    for state, f_val in zip(states, f_vals):
+        if state.numel() > 0:
+            relax_(state, f_val, beta)
+
+
+def multi_unrelax_(states: list, f_vals: list, beta: float) -> None:
+    for state, f_val in zip(states, f_vals):
+        if state.numel() > 0:
+            unrelax_(state, f_val, beta)
+
+
+def multi_residual(zs: list, fzs: list) -> torch.Tensor:
+    """Each pair's residual in its own accumulation dtype, added in float64 in member order."""
+    total = torch.zeros(2, dtype=torch.float64, device=zs[0].device)
+    for z, fz in zip(zs, fzs):
+        if z.numel() > 0:
+            total = total + residual(z, fz).to(torch.float64)
+    return total.to(multi_residual_dtype(zs))
+
+
 def fixed_unavailable_reason(device_type: str) -> str | None:
     return None
 

@@ -311,3 +311,30 @@ def _residual_fake(z, fz):
 
 if kernels is not None:
     _register_ops()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Tuple states: the multi-tensor ops live in _triton_multi.py (kernels in _triton_multi_kernels.py).
+
+
+def multi_unavailable_reason(device_type: str) -> str | None:
+    return unavailable_reason(device_type)
+
+
+def multi_relax_(states: list, f_vals: list, beta: float) -> None:
+    """states[i] = (1 - beta) * states[i] + beta * f_vals[i] for every i, one launch per 8 members."""
+    torch.ops.revdeq.triton_multi_relax_(states, f_vals, beta)
+
+
+def multi_unrelax_(states: list, f_vals: list, beta: float) -> None:
+    """The inverse of multi_relax_, one launch per 8 members."""
+    torch.ops.revdeq.triton_multi_unrelax_(states, f_vals, beta)
+
+
+def multi_residual(zs: list, fzs: list) -> torch.Tensor:
+    """[sum((z - fz)^2), sum(fz^2)] over all pairs, shape (2,); see _triton_multi._triton_multi_residual."""
+    return torch.ops.revdeq.triton_multi_residual(zs, fzs)
+
+
+if kernels is not None:
+    from . import _triton_multi  # noqa: E402, F401  (registers torch.ops.revdeq.triton_multi_*)

@@ -1,0 +1,93 @@
+// The per-range loops of the C++ CPU kernels, shared by the single-tensor ops (ops_cpu.cpp) and the
+// multi-tensor ops (multi_cpu.cpp) so that both compute every element and every partial sum the
+// same way. Threading is left to the callers.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+
+#include "dispatch.h"
+
+namespace revdeq::cpu {
+
+// Elements per parallel task of the pointwise ops.
+constexpr int64_t kPointwiseGrain = 1 << 15;
+// residual sums fixed chunks of a tensor into partials and adds the partials in order, so the
+// result does not depend on the number of threads.
+constexpr int64_t kResidualChunk = 1 << 16;
+
+// Inside residual_range, four vector accumulators (independent dependency chains) are flushed into
+// double every kFlush elements, which bounds the float32 rounding error.
+constexpr int64_t kFlush = 1024;
+
+// state[i] = a * state[i] + b * f[i] for begin <= i < end, in AccType<S>, rounded once. A plain loop
+// over __restrict__ pointers that the compiler vectorizes at -O3.
+template <typename S, typename F>
+inline void affine_range(S* __restrict__ state, const F* __restrict__ f, int64_t begin, int64_t end,
+                         typename AccType<S>::type a, typename AccType<S>::type b) {
+  using acc_t = typename AccType<S>::type;
+  for (int64_t i = begin; i < end; ++i) {
+    state[i] = static_cast<S>(a * static_cast<acc_t>(state[i]) + b * static_cast<acc_t>(f[i]));
+  }
+}
+
+// GCC/Clang vector extensions: explicit SIMD without choosing an instruction set at build time.
+template <typename T>
+struct Vec {
+  static constexpr int kWidth = 32 / sizeof(T);
+  typedef T type __attribute__((vector_size(32)));
+};
+
+template <typename A, typename T>
+inline typename Vec<A>::type load_as(const T* p) {
+  typename Vec<A>::type v;
+  if constexpr (std::is_same_v<A, T>) {
+    std::memcpy(&v, p, sizeof(v));  // unaligned load
+  } else {
+    for (int k = 0; k < Vec<A>::kWidth; ++k) v[k] = static_cast<A>(p[k]);
+  }
+  return v;
+}
+
+// *diff_sq = sum((z - f)^2), *f_sq = sum(f^2) over begin <= i < end, accumulated in AccType<Z> vectors
+// and flushed into double every kFlush elements.
+template <typename Z, typename F>
+void residual_range(const Z* __restrict__ z, const F* __restrict__ f, int64_t begin, int64_t end, double* diff_sq,
+                    double* f_sq) {
+  using acc_t = typename AccType<Z>::type;
+  using vec_t = typename Vec<acc_t>::type;
+  constexpr int W = Vec<acc_t>::kWidth;
+  double dd = 0.0, ff = 0.0;
+  for (int64_t block = begin; block < end; block += kFlush) {
+    const int64_t stop = std::min(end, block + kFlush);
+    vec_t d_acc[4] = {};
+    vec_t f_acc[4] = {};
+    int64_t i = block;
+    for (; i + 4 * W <= stop; i += 4 * W) {
+      for (int u = 0; u < 4; ++u) {
+        const vec_t fv = load_as<acc_t>(f + i + u * W);
+        const vec_t d = load_as<acc_t>(z + i + u * W) - fv;
+        d_acc[u] += d * d;
+        f_acc[u] += fv * fv;
+      }
+    }
+    const vec_t d_sum = (d_acc[0] + d_acc[1]) + (d_acc[2] + d_acc[3]);
+    const vec_t f_sum = (f_acc[0] + f_acc[1]) + (f_acc[2] + f_acc[3]);
+    for (int k = 0; k < W; ++k) {
+      dd += static_cast<double>(d_sum[k]);
+      ff += static_cast<double>(f_sum[k]);
+    }
+    for (; i < stop; ++i) {
+      const acc_t fv = static_cast<acc_t>(f[i]);
+      const acc_t d = static_cast<acc_t>(z[i]) - fv;
+      dd += static_cast<double>(d * d);
+      ff += static_cast<double>(fv * fv);
+    }
+  }
+  *diff_sq = dd;
+  *f_sq = ff;
+}
+
+}  // namespace revdeq::cpu
