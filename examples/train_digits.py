@@ -131,9 +131,10 @@ def environment() -> dict:
             cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
     except OSError:
         pass
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None  # others' work on a shared machine
     return {"torch": torch.__version__, "python": platform.python_version(), "cpu": cpu,
-            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "commit": commit,
-            "backend": rk.available_backends()["cpu"][0]}
+            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "load_average_1min": load,
+            "commit": commit, "backend": rk.available_backends()["cpu"][0]}
 
 
 def plot(results: dict, path: str) -> None:
@@ -153,7 +154,7 @@ def plot(results: dict, path: str) -> None:
     right.legend()
     cfg = results["config"]
     fig.suptitle(f"RevDEQ on digits: hidden {cfg['hidden']}, beta {cfg['beta']}, <= {cfg['max_steps']} steps, "
-                 f"{results['seconds']:.0f} s on {results['environment']['torch_threads']} threads", fontsize=9)
+                 f"{results['seconds']:.0f} s, {results['environment']['torch_threads']} thread(s)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
