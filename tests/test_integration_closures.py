@@ -26,7 +26,17 @@ def test_finds_parameters_and_closed_over_activations_in_first_use_order():
     assert calls == [False]  # evaluated once, without building a graph
     assert _ids(found.params) == _ids([lin.weight, lin.bias, scale])
     assert _ids(found.inputs) == [id(x)]  # not encoder's parameters: they are behind x
-    assert not found.entangled
+    assert not found.entangled and found.updated == []
+
+
+def test_finds_the_tensors_func_updates_in_place():
+    norm = torch.nn.BatchNorm1d(6, dtype=torch.float64)
+    found = find_closure_tensors(lambda z: norm(z + 1.0), randn(4, 6, seed=1))
+    assert set(_ids(found.updated)) == set(_ids([norm.running_mean, norm.running_var, norm.num_batches_tracked]))
+    assert len(found.updated) == 3
+    assert _ids(found.params) == _ids([norm.weight, norm.bias])
+    norm.eval()  # eval mode reads the statistics without updating them
+    assert find_closure_tensors(lambda z: norm(z + 1.0), randn(4, 6, seed=1)).updated == []
 
 
 def test_tensors_func_makes_are_not_found_even_with_grad_enabled_inside():

@@ -134,6 +134,21 @@ def test_a_tensor_func_reads_only_later_is_passed_with_params():
     assert_grads_close(got, want, 1e-10, ["w_late"])
 
 
+def test_batchnorm_statistics_in_func_are_not_updated_by_the_backward():
+    norm = torch.nn.BatchNorm1d(6, dtype=F64)
+    layer = torch.nn.Linear(6, 6, dtype=F64)
+    x = randn(5, 6, seed=1, requires_grad=True)
+    deq = get_deq(core="revdeq", f_max_iter=8, f_tol=None, beta=0.5)
+    z_out, _ = deq(lambda z: torch.tanh(norm(0.5 * layer(z)) + x), torch.zeros_like(x))
+    after_forward = [b.clone() for b in norm.buffers()]
+    assert norm.num_batches_tracked.item() == 1 + 9  # the probe, then 2 * 4 + 1 forward evaluations
+    z_out[0].sum().backward()
+    for name, before, now in zip(["running_mean", "running_var", "num_batches_tracked"], after_forward,
+                                 norm.buffers()):
+        assert torch.equal(before, now), f"{name} changed in the backward"
+    assert layer.weight.grad is not None and x.grad is not None
+
+
 def test_eval_mode_keeps_an_exact_input_gradient():
     model = DEQClassifier(get_deq(core="revdeq", f_max_iter=100, eval_f_max_iter=12, f_tol=None, beta=0.5)).eval()
     inp, _ = _inputs()

@@ -19,9 +19,16 @@ every vector-Jacobian product partial.
 """
 
 import dataclasses
+import inspect
 
 import torch
+import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
+
+# Functions that update running statistics in place without bumping their version counters (aten's
+# batch_norm schema does not mark them as mutated): the running_mean/running_var they get are updated when
+# the flag named here is true.
+_RUNNING_STATS_FLAG = {F.batch_norm: "training", F.instance_norm: "use_input_stats"}
 
 
 def _tensors_in(obj):
@@ -56,11 +63,15 @@ def _replace_tensors(obj, replace):
 
 
 class _Recorder(TorchFunctionMode):
-    """Records the tensor arguments that require grad and were not produced during the recording."""
+    """Records the tensor arguments not produced during the recording: those that require grad, and the
+    others that the evaluation updates in place (seen through version counters, and for running statistics,
+    which have none, through the functions that update them)."""
 
     def __init__(self):
         super().__init__()
-        self.found = {}  # id -> tensor, in first-use order
+        self.found = {}  # id -> tensor requiring grad, in first-use order
+        self.versions = {}  # id -> (tensor, version at first use), for tensors that do not require grad
+        self.running_stats = {}  # id -> tensor, running statistics given to a function that updates them
         # ids of tensors made while recording (a func that re-enables grad inside may make some that
         # require grad). Ids are safe: a closed-over tensor lives throughout, so none of these shares its id.
         self.produced = set()
@@ -68,11 +79,29 @@ class _Recorder(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         for t in _tensors_in((args, kwargs)):
-            if t.requires_grad and id(t) not in self.produced:
+            if id(t) in self.produced:
+                continue
+            if t.requires_grad:
                 self.found.setdefault(id(t), t)
+            elif id(t) not in self.versions:
+                self.versions[id(t)] = (t, t._version)
+        if func in _RUNNING_STATS_FLAG:
+            bound = inspect.signature(func).bind(*args, **kwargs)
+            bound.apply_defaults()
+            if bound.arguments[_RUNNING_STATS_FLAG[func]]:
+                for name in ("running_mean", "running_var"):
+                    t = bound.arguments[name]
+                    if isinstance(t, torch.Tensor) and id(t) not in self.produced:
+                        self.running_stats.setdefault(id(t), t)
         out = func(*args, **kwargs)
         self.produced.update(id(t) for t in _tensors_in(out))
         return out
+
+    def updated(self) -> list:
+        """The recorded tensors that do not require grad and were modified in place since their first use."""
+        changed = {id(t): t for t, version in self.versions.values() if t._version != version}
+        changed.update(self.running_stats)
+        return list(changed.values())
 
 
 class _Substitute(TorchFunctionMode):
@@ -97,11 +126,14 @@ class ClosureTensors:
             a normalised weight computed before the call).
         entangled: True when the history of one of ``inputs`` reaches another found tensor; ``func`` must then
             be evaluated under :func:`substituted` for its vector-Jacobian products to be partial derivatives.
+        updated: tensors not requiring grad that ``func`` read and modified in place (BatchNorm running
+            statistics): state a backward's re-evaluations must put back.
     """
 
     params: list
     inputs: list
     entangled: bool
+    updated: list
 
 
 def _gradient_node(t: torch.Tensor):
@@ -136,7 +168,8 @@ def find_closure_tensors(func, *state) -> ClosureTensors:
 
     Returns:
         :class:`ClosureTensors`. A tensor ``func`` reads only on some calls (a data-dependent branch) is missed;
-        pass such tensors explicitly.
+        pass such tensors explicitly. Tensors that are read first and updated in place by the same call
+        (running statistics) are found through their version counters.
 
     Example:
         >>> lin = torch.nn.Linear(8, 8); x = torch.nn.Linear(4, 8)(torch.randn(2, 4))
@@ -151,7 +184,7 @@ def find_closure_tensors(func, *state) -> ClosureTensors:
     params = [t for t in recorder.found.values() if t.grad_fn is None]
     inputs = [t for t in recorder.found.values() if t.grad_fn is not None]
     entangled = bool(inputs) and _histories_reach(inputs, [*inputs, *params])
-    return ClosureTensors(params, inputs, entangled)
+    return ClosureTensors(params, inputs, entangled, recorder.updated())
 
 
 def substituted(originals, replacements):

@@ -279,21 +279,10 @@ class RevDEQCore(DEQBase):
         z0 = _state(z_init)
         options = self._options(self._budget(solver_kwargs))
 
-        found_params, inputs, entangled = [], [], False
-        if torch.is_grad_enabled():
-            found = find_closure_tensors(func, z0.detach())
-            found_params, inputs, entangled = found.params, found.inputs, found.entangled
+        found = find_closure_tensors(func, z0.detach()) if torch.is_grad_enabled() else None
+        cell = _ClosureCell(func, found)
         explicit = [] if params is None else list(params)
-
-        def cell(z, xs):
-            # In the backward the solver passes detached stand-ins for the inputs; when their histories are
-            # entangled, func must read those so each vector-Jacobian product stays a partial derivative.
-            if entangled and any(a is not b for a, b in zip(xs, inputs)):
-                with substituted(inputs, xs):
-                    return func(z)
-            return func(z)
-
-        z, solver_info = solve(cell, tuple(inputs), z0=z0, params=[*found_params, *explicit], options=options,
+        z, solver_info = solve(cell, tuple(cell.inputs), z0=z0, params=[*cell.params, *explicit], options=options,
                                caller=CALLER)
         info = RevDEQStat.from_solve(solver_info, z)
         if backward_writer is not None and z.grad_fn is not None:
@@ -302,6 +291,31 @@ class RevDEQCore(DEQBase):
             info["sradius"] = (self._sradius(func, z.detach()) if sradius_mode
                                else torch.zeros(1, device=z.device))
         return [z], info
+
+
+class _ClosureCell(torch.nn.Module):
+    """``func(z)`` as the solver's ``f(z, xs)``, with what :func:`find_closure_tensors` found (None: nothing).
+
+    The tensors ``func`` updates in place (BatchNorm statistics) are registered as this module's buffers, not
+    copied, so the solver puts them back after its backward's re-evaluations as it does for a module ``f``.
+    """
+
+    def __init__(self, func, found):
+        super().__init__()
+        self.func = func
+        self.params = found.params if found else []
+        self.inputs = found.inputs if found else []
+        self.entangled = found.entangled if found else False
+        for i, t in enumerate(found.updated if found else ()):
+            self.register_buffer(f"updated_{i}", t)
+
+    def forward(self, z, xs):
+        # In the backward the solver passes detached stand-ins for the inputs; when their histories are
+        # entangled, func must read those so each vector-Jacobian product stays a partial derivative.
+        if self.entangled and any(a is not b for a, b in zip(xs, self.inputs)):
+            with substituted(self.inputs, xs):
+                return self.func(z)
+        return self.func(z)
 
 
 def _backward_stat(solver_info) -> SolverStat:
