@@ -88,7 +88,7 @@ def train(args) -> dict:
     for epoch in range(1, args.epochs + 1):
         order = torch.randperm(len(train_y), generator=generator)
         batches = order.split(args.batch_size)
-        if tqdm is not None and not args.no_progress:
+        if tqdm is not None and not args.no_progress and sys.stdout.isatty():  # a log file gets no bar
             batches = tqdm(batches, desc=f"epoch {epoch:2d}/{args.epochs}", leave=False, file=sys.stdout)
         loss_sum, steps, residuals, drift = 0.0, [], [], 0.0
         for batch in batches:
@@ -178,7 +178,7 @@ def parse_args(argv=None):
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (0: torch's default)")
     parser.add_argument("--out-dir", default=os.path.join("runs", "digits"))
     parser.add_argument("--min-accuracy", type=float, default=None, help="exit with status 1 below this")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar (none when not on a terminal)")
     return parser.parse_args(argv)
 
 
