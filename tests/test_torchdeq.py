@@ -316,6 +316,18 @@ def test_func_with_the_wrong_shape_gets_the_solvers_error():
         deq(lambda z: z[:, :3] + x[:, :3], torch.zeros_like(x))
 
 
+def test_default_beta_keeps_torchdeqs_default_budget_exact():
+    # torchdeq's default f_max_iter=40 is 20 steps: beta 0.5 (the core's default) keeps the drift at rounding level.
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(16, 16)
+    x = randn(4, 16, seed=1, dtype=torch.float32)
+    deq = get_deq(core="revdeq", f_tol=None)
+    assert deq.revdeq_kwargs["beta"] == 0.5 and deq.f_max_iter == 40
+    z_out, info = deq(lambda z: torch.tanh(2.0 * lin(z) + x), torch.zeros_like(x))
+    z_out[0].sum().backward()
+    assert info.solver_info["steps"] == 20 and info.solver_info["drift"] < 1e-6
+
+
 def test_float32_model_keeps_float64_states_and_returns_float32():
     x = randn(4, 8, seed=1, dtype=torch.float32)
     lin = torch.nn.Linear(8, 8)
