@@ -5,9 +5,12 @@ stores no activations), differentiate a loss with respect to x, z0 and the param
 plain autograd through the same iteration unrolled step by step. With torchdeq installed the torchdeq core
 (``core="revdeq"``) is checked the same way. Exits with status 1 if any relative error exceeds 1e-9.
 
-    python examples/grad_check.py
+    python examples/grad_check.py                       # the table
+    python examples/grad_check.py --json results.json   # and the rows as JSON
 """
 
+import argparse
+import json
 import sys
 
 import torch
@@ -77,7 +80,10 @@ def check_torchdeq_core(beta: float, steps: int, dim: int = 16, batch: int = 8):
     return relative_error(got, want), info.solver_info["drift"]
 
 
-def main() -> int:
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--json", help="also write the rows to this JSON file")
+    args = parser.parse_args(argv)
     torch.set_num_threads(1)
     print("Reversible gradient vs autograd through the unrolled loop (float64; relative error = max |diff| / max |ref|"
           " over x, z0 and the parameters)")
@@ -95,6 +101,11 @@ def main() -> int:
         print(f"{name:22s} {beta:5.1f} {steps:5d} {err:11.2e} {drift:10.1e}")
     if core is None:
         print("(torchdeq is not installed: the torchdeq core was not checked)")
+    if args.json:
+        keys = ("solver", "beta", "steps", "relative_error", "drift")
+        with open(args.json, "w") as f:
+            json.dump({"tolerance": TOLERANCE, "torch": torch.__version__, "dtype": "float64",
+                       "rows": [dict(zip(keys, row)) for row in rows]}, f, indent=1)
     verdict = "OK" if worst <= TOLERANCE else "FAILED"
     print(f"gradient check {verdict}: worst relative error {worst:.2e} (tolerance {TOLERANCE:.0e})")
     return 0 if worst <= TOLERANCE else 1

@@ -12,13 +12,15 @@ EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__
 sys.path.insert(0, EXAMPLES)
 
 
-def test_grad_check_passes_and_prints_its_table(capsys):
+def test_grad_check_passes_and_prints_its_table(tmp_path, capsys):
     import grad_check
 
-    assert grad_check.main() == 0
+    assert grad_check.main(["--json", str(tmp_path / "grad.json")]) == 0
     out = capsys.readouterr().out
     assert "gradient check OK" in out
     assert out.count("reversible_fixed_point") == 4
+    rows = json.loads((tmp_path / "grad.json").read_text())["rows"]
+    assert len(rows) >= 4 and all(r["relative_error"] <= 1e-9 for r in rows)
 
 
 def test_train_digits_tiny_run_writes_history_and_plot(tmp_path, capsys):
