@@ -286,6 +286,22 @@ def test_torchdeq_argparse_defaults_warn_only_about_the_stop_mode():
         get_deq(core="revdeq", f_stop_mode="rel", ift=False, grad=[1], n_states=1, indexing=[])  # all defaults
 
 
+def test_revdeq_options_come_from_the_config_and_a_distributed_backend_is_not_ours():
+    parser = argparse.ArgumentParser()
+    torchdeq.add_deq_args(parser)
+    parser.add_argument("--backend", default="nccl")  # a DDP script's own option
+    args = parser.parse_args(["--core", "revdeq", "--f_stop_mode", "rel"])
+    deq = get_deq(args, beta=0.25, state_dtype="float32", max_drift=1e-3, revdeq_backend="reference", check_every=2)
+    assert deq.revdeq_kwargs == dict(beta=0.25, state_dtype=torch.float32, max_drift=1e-3, backend="reference",
+                                     check_every=2)
+    x = randn(3, 6, seed=1, dtype=torch.float32)
+    _, info = deq(lambda z: torch.tanh(0.5 * z + x), torch.zeros_like(x))
+    o = info.solver_info._options
+    assert (o.beta, o.state_dtype, o.max_drift, o.backend, o.check_every) == (0.25, torch.float32, 1e-3, "reference", 2)
+    with pytest.raises(ValueError, match=r"RevDEQCore: unknown backend 'nccl'"):
+        get_deq(core="revdeq", revdeq_backend="nccl")
+
+
 def test_per_call_arguments_without_meaning_are_refused_or_warned():
     deq = get_deq(core="revdeq", f_max_iter=4, f_tol=None)
     x = randn(3, 6, seed=1)

@@ -39,9 +39,12 @@ option                                      with ``core="revdeq"``
 ``b_solver``, ``b_max_iter``, ``b_tol``,    warning when not torchdeq's default: no backward solver
 ``b_stop_mode``                             runs
 ``no_stat``                                 accepted; statistics cost nothing extra here
-``beta``, ``state_dtype``, ``check_every``,  RevDEQ's own (see :func:`revdeq_kernels.reversible_fixed_point`);
-``max_drift``, ``backend``                  ``state_dtype`` may be ``"float64"`` / ``"float32"``; ``beta``
-                                            defaults to 0.5 here, not 0.8 (see below)
+``beta``, ``state_dtype``, ``check_every``,  RevDEQ's own, every keyword of
+``max_drift``, ``revdeq_backend``, ...      :func:`revdeq_kernels.reversible_fixed_point` but ``max_steps``
+                                            and ``tol``; ``state_dtype`` may be ``"float64"``/``"float32"``;
+                                            ``backend`` is spelled ``revdeq_backend`` (argparse configs
+                                            often carry a distributed ``backend``); ``beta`` defaults to
+                                            0.5 here, not 0.8 (see below)
 ==========================================  ========================================================
 
 Why beta defaults to 0.5: torchdeq's default budget (``f_max_iter=40``) is 20 RevDEQ steps, and the
@@ -57,6 +60,7 @@ Unlike torchdeq's cores, ``eval()`` mode keeps the output differentiable while g
 input gradients or forces); wrap inference in ``torch.no_grad()`` to skip all gradient bookkeeping.
 """
 
+import inspect
 import numbers
 import warnings
 
@@ -86,6 +90,11 @@ GRADIENT_OPTIONS = {
 # torchdeq options that ask for more than one returned state, with their defaults.
 STATE_SAMPLING_OPTIONS = {"n_states": 1, "indexing": ()}
 SOLVER_KWARGS = ("f_max_iter", "return_final")
+# RevDEQ's own options: the keywords of SolverOptions.make that torchdeq's f_max_iter/f_tol do not set, read
+# from the config under these names.
+REVDEQ_OPTIONS = {name: ("revdeq_backend" if name == "backend" else name)
+                  for name in inspect.signature(SolverOptions.make).parameters
+                  if name not in ("caller", "max_steps", "tol")}
 
 
 class TorchDEQOptionWarning(UserWarning):
@@ -210,7 +219,8 @@ class RevDEQCore(DEQBase):
     Made by ``torchdeq.get_deq(core="revdeq", ...)`` once this module is imported, or directly. Options are
     torchdeq's (``args`` as for any torchdeq core: a dict, ``argparse.Namespace`` or ``DEQConfig``, updated
     by keyword arguments) plus RevDEQ's: ``beta`` (0.5), ``state_dtype`` (float64), ``check_every`` (1),
-    ``max_drift`` (None), ``backend`` (None). The module docstring has the table of how each torchdeq option
+    ``max_drift`` (None), ``revdeq_backend`` (None) and any further keyword of
+    :func:`~revdeq_kernels.reversible_fixed_point`. The module docstring has the table of how each torchdeq option
     maps; options with no meaning here are refused (ValueError) or warned about
     (:class:`TorchDEQOptionWarning`), never silently dropped.
 
@@ -249,11 +259,12 @@ class RevDEQCore(DEQBase):
         self.f_max_iter = int(self.f_max_iter)
         self.eval_f_max_iter = _nfe("eval_f_max_iter (else f_max_iter * eval_factor)", self.eval_f_max_iter)
         self.fixed_steps = self.args.get("f_solver", "fixed_point_iter") == "simple_fixed_point_iter"
-        self.revdeq_kwargs = dict(
-            beta=self.args.get("beta", DEFAULT_BETA),
-            state_dtype=_state_dtype(self.args.get("state_dtype", torch.float64)),
-            check_every=self.args.get("check_every", 1), max_drift=self.args.get("max_drift", None),
-            backend=self.args.get("backend", None))
+        missing = object()
+        given = {name: self.args.get(key, missing) for name, key in REVDEQ_OPTIONS.items()}
+        self.revdeq_kwargs = {name: value for name, value in given.items() if value is not missing}
+        self.revdeq_kwargs.setdefault("beta", DEFAULT_BETA)
+        if "state_dtype" in self.revdeq_kwargs:
+            self.revdeq_kwargs["state_dtype"] = _state_dtype(self.revdeq_kwargs["state_dtype"])
         self._options(self.f_max_iter)  # validate now, not at the first call
 
     def _options(self, nfe: int) -> SolverOptions:
