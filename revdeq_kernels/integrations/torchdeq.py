@@ -39,12 +39,12 @@ option                                      with ``core="revdeq"``
 ``b_solver``, ``b_max_iter``, ``b_tol``,    warning when not torchdeq's default: no backward solver
 ``b_stop_mode``                             runs
 ``no_stat``                                 accepted; statistics cost nothing extra here
-``beta``, ``state_dtype``, ``check_every``,  RevDEQ's own, every keyword of
-``max_drift``, ``revdeq_backend``, ...      :func:`revdeq_kernels.reversible_fixed_point` but ``max_steps``
-                                            and ``tol``; ``state_dtype`` may be ``"float64"``/``"float32"``;
-                                            ``backend`` is spelled ``revdeq_backend`` (argparse configs
-                                            often carry a distributed ``backend``); ``beta`` defaults to
-                                            0.5 here, not 0.8 (see below)
+``beta``, ``state_dtype``,                  RevDEQ's own: every keyword of ``reversible_fixed_point``
+``check_every``, ``max_drift``,             but ``max_steps`` and ``tol``; ``state_dtype`` may be
+``revdeq_backend``, ...                     ``"float64"``/``"float32"``; ``backend`` is spelled
+                                            ``revdeq_backend`` (argparse configs often carry a
+                                            distributed ``backend``); ``beta`` defaults to 0.5 here,
+                                            not 0.8 (see below)
 ==========================================  ========================================================
 
 Why beta defaults to 0.5: torchdeq's default budget (``f_max_iter=40``) is 20 RevDEQ steps, and the
