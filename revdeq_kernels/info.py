@@ -149,6 +149,13 @@ class SolverInfo(Mapping):
             self._residual = _relative(*rows[-1][:2])
         return self._residual
 
+    def residual_history(self) -> torch.Tensor | None:
+        """The forward's evidence as a device tensor, without a host sync: shape ``(steps + 1, 2)``, row ``n``
+        holding ``[||z - f(z)||^2, ||f(z)||^2]`` after step ``n`` (row 0: at the start); float64 for float64
+        states, else float32. Not checked for non-finite values (reading ``"residual"`` is). None before a
+        forward. Adapters (e.g. the torchdeq core) build their per-step statistics from it."""
+        return None if self._history is None else self._history[:self.steps + 1]
+
     def _read_forward(self) -> float | None:
         if self._history is None:
             return None
