@@ -47,6 +47,14 @@ class SolverInfo(Mapping):
         ``"residual"``: float, ``||z - f(z)|| / ||f(z)||`` at the returned ``z``.
         ``"drift"``: float, after backward: ``max |reconstructed start - z0| / max(|z|, |z0|)``;
         None before the backward ran.
+        ``"residual_trace"``: list of ``steps + 1`` floats, the relative residual after each step
+        (entry 0 at the start ``z0``, the last one equals ``"residual"``); read with ``"residual"``.
+        ``"spectral_radius"``: float, an estimate of ``max |eigenvalue(df/dz)|`` at the returned ``z``
+        (see :func:`~revdeq_kernels.spectral_radius`), when it was asked for (``RevDEQ(...,
+        spectral_radius=True)``), else None; computed on the device, read (one sync) on first access.
+        ``"jac_penalty"``: 0-dim tensor, the Hutchinson estimate of ``||df/dz||_F^2 / z.numel()`` at
+        the returned ``z`` (see :func:`~revdeq_kernels.jacobian_penalty`), differentiable, to add to
+        the loss, when it was asked for (``RevDEQ(..., jac_reg=True)``, training mode), else None.
 
     With ``tol=None`` the solver never synchronises; reading ``"residual"`` or ``"drift"`` (or calling
     :meth:`check`) copies the device evidence to the host once, and that is when non-finite values
@@ -57,9 +65,13 @@ class SolverInfo(Mapping):
         >>> z, info = reversible_fixed_point(f, x)
         >>> info["steps"], info["residual"]
         (12, 0.00094)
+        >>> info["residual_trace"]  # [at z0, after step 1, ..., after step 12]
     """
 
-    _KEYS = ("steps", "residual", "drift")
+    _KEYS = ("steps", "residual", "drift", "residual_trace", "spectral_radius", "jac_penalty")
+    # Attached after the solve by the caller (RevDEQ), each a value or a zero-argument callable that
+    # is called once, on first read, so device values cost a host sync only when somebody asks.
+    DIAGNOSTICS = ("spectral_radius", "jac_penalty")
 
     def __init__(self, caller: str, options: "SolverOptions"):
         self._caller = caller
@@ -68,10 +80,12 @@ class SolverInfo(Mapping):
         self._history = None  # (max_steps + 1, 2): [||z - f(z)||^2, ||f(z)||^2] after each step
         self._read_rows = 0  # history rows already checked on the host
         self._residual = None
+        self._trace = []  # relative residual of each history row read so far
+        self._diagnostics = {}
         self._backward = None  # (steps + 1, 4): NaN-propagating evidence per backward step, drift last
         self._drift = None
 
-    # Mapping interface: the three keys, always present.
+    # Mapping interface: the keys above, always present (None when not computed).
     def __getitem__(self, key):
         if key == "steps":
             return self.steps
@@ -79,6 +93,10 @@ class SolverInfo(Mapping):
             return self._read_forward()
         if key == "drift":
             return self._read_backward()
+        if key == "residual_trace":
+            return None if self._read_forward() is None else self._trace[:self.steps + 1]
+        if key in self.DIAGNOSTICS:
+            return self._read_diagnostic(key)
         raise KeyError(key)
 
     def __iter__(self):
@@ -103,6 +121,7 @@ class SolverInfo(Mapping):
         self._history = history
         self._read_rows = 0
         self._residual = None
+        self._trace = []
 
     def read_forward_rows(self, last: int) -> float:
         """Read the history rows not yet read, up to ``last`` (one sync), raise at the first non-finite
@@ -117,13 +136,28 @@ class SolverInfo(Mapping):
                         f"{self._caller}: non-finite values in the forward pass {where}: f returned inf or NaN, "
                         f"or the iteration diverged (beta={self._options.beta})")
             self._read_rows = last + 1
-            self._residual = _relative(*rows[-1])
+            self._trace.extend(_relative(*row) for row in rows)
+            self._residual = self._trace[-1]
         return self._residual
 
     def _read_forward(self) -> float | None:
         if self._history is None:
             return None
         return self.read_forward_rows(self.steps)
+
+    # Diagnostics computed after the solve.
+    def set_diagnostic(self, key: str, value) -> None:
+        """Attach ``key`` (one of :attr:`DIAGNOSTICS`): a value, or a zero-argument callable whose result
+        is computed on the first read and kept."""
+        if key not in self.DIAGNOSTICS:
+            raise KeyError(f"SolverInfo.set_diagnostic: unknown key {key!r}; expected one of {self.DIAGNOSTICS}")
+        self._diagnostics[key] = value
+
+    def _read_diagnostic(self, key: str):
+        value = self._diagnostics.get(key)
+        if callable(value) and not isinstance(value, torch.Tensor):
+            value = self._diagnostics[key] = value()
+        return value
 
     # The backward's evidence.
     def set_backward(self, evidence: torch.Tensor) -> None:
