@@ -32,9 +32,10 @@ from . import classify, common
 NAME = "depth"
 SCHEMA = "revdeq-bench-depth/1"
 MODELS = ("revdeq", "explicit")
-# (N list, epochs, width, batch): CPU sizes keep a full run near a minute on two cores; the GPU run is
-# wider and batched larger so memory differences are not lost in allocator granularity.
-DEFAULTS = {"cpu": ("2,4,8", 8, 64, 64), "cuda": ("4,8,16", 20, 1024, 512)}
+# (N list, epochs, width, batch): the CPU run takes under a minute on two busy cores at a width where
+# compute, not Python overhead, sets the step time; the GPU run is wider and batched larger so memory
+# differences are not lost in allocator granularity.
+DEFAULTS = {"cpu": ("2,4,8,16", 8, 256, 128), "cuda": ("4,8,16", 20, 1024, 512)}
 QUICK = {"cpu": ("2,4", 1, 64, 64), "cuda": ("4,8", 4, 1024, 512)}
 WARMUP_STEPS = 2
 
@@ -43,10 +44,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", choices=classify.DATASETS, default="auto",
                         help="digits (needs scikit-learn), synthetic, or auto: digits when available")
     parser.add_argument("--steps", default=None, metavar="N,...",
-                        help="RevDEQ steps N; the explicit network gets 2N blocks (default: CPU 2,4,8; CUDA 4,8,16)")
+                        help="RevDEQ steps N; the explicit network gets 2N blocks (default: CPU 2,4,8,16; CUDA 4,8,16)")
     parser.add_argument("--epochs", type=int, default=None, help="training epochs per model (default: CPU 8; CUDA 20)")
-    parser.add_argument("--width", type=int, default=None, help="state size (default: CPU 64; CUDA 1024)")
-    parser.add_argument("--batch", type=int, default=None, help="training batch size (default: CPU 64; CUDA 512)")
+    parser.add_argument("--width", type=int, default=None, help="state size (default: CPU 256; CUDA 1024)")
+    parser.add_argument("--batch", type=int, default=None, help="training batch size (default: CPU 128; CUDA 512)")
     parser.add_argument("--lr", type=float, default=3e-3, help="Adam learning rate")
     parser.add_argument("--beta", type=float, default=0.5, help="RevDEQ relaxation")
     parser.add_argument("--seed", type=int, default=0)
@@ -123,7 +124,7 @@ def train_and_measure(kind: str, steps: int, data: classify.Data, cfg: dict, dev
     peak = cuda_peak_bytes(model, xb, yb) if device.type == "cuda" else None
 
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg["lr"])
-    times = []
+    times, drifts = [], []
     for _ in range(cfg["epochs"]):
         losses = []
         for idx in classify.batches(len(data.y_train), cfg["batch"], order):
@@ -136,6 +137,8 @@ def train_and_measure(kind: str, steps: int, data: classify.Data, cfg: dict, dev
             _sync(device)
             times.append(time.perf_counter() - start)
             losses.append(loss.detach())
+            if kind == "revdeq":
+                drifts.append(model.deq.info["drift"])
     timed = times[WARMUP_STEPS:] or times
     return {
         "model": kind, "steps": steps, "blocks": 1 if kind == "revdeq" else 2 * steps,
@@ -143,6 +146,7 @@ def train_and_measure(kind: str, steps: int, data: classify.Data, cfg: dict, dev
         "parameters": classify.n_parameters(model), "saved_bytes": saved, "saved_tensors": n_saved,
         "cuda_peak_bytes": peak, "step_time": common.summarize(timed),
         "train_loss_last_epoch": torch.stack(losses).mean().item(),
+        "drift_max": max(drifts) if drifts else None,
         "test_acc": classify.accuracy(model, data.x_test, data.y_test),
     }
 
@@ -192,6 +196,7 @@ def run(args) -> str:
                       "once, parameters excluded (saved_tensors_hooks); cuda_peak_bytes: max_memory_allocated "
                       "over a forward+backward above the allocation before it (CUDA only)",
             "step_time": f"forward + backward + Adam step, every step after the first {WARMUP_STEPS}",
+            "drift_max": "RevDEQ only: the largest info['drift'] (reconstruction drift of the backward) in training",
         },
         "results": results,
     }
@@ -220,15 +225,16 @@ def format_table(payload: dict) -> str:
     cfg, env = payload["config"], payload["env"]
     cuda = env["device_type"] == "cuda"
     head = ("| N | model | blocks (params) | f evals, forward | saved for backward | "
-            + ("peak CUDA memory, step | " if cuda else "") + "time/step, median [p20, p80] | test acc |")
+            + ("peak CUDA memory, step | " if cuda else "") + "time/step, median [p20, p80] | test acc | max drift |")
     lines = [f"Explicit vs implicit depth on {cfg['data']['name']}, width {cfg['width']}, batch {cfg['batch']}, "
              f"{cfg['epochs']} epochs; {env['device_name']} ({env['device_type']}, {env['torch_threads']} threads):",
-             "", head, "|---:|---|---:|---:|---:|" + ("---:|" if cuda else "") + "---:|---:|"]
+             "", head, "|---:|---|---:|---:|---:|" + ("---:|" if cuda else "") + "---:|---:|---:|"]
     for r in payload["results"]:
         t = r["step_time"]
         name = f"RevDEQ, {r['steps']} steps" if r["model"] == "revdeq" else f"explicit, {r['blocks']} blocks"
         peak = f"{_bytes(r['cuda_peak_bytes'])} | " if cuda else ""
+        drift = "-" if r["drift_max"] is None else f"{r['drift_max']:.1e}"
         lines.append(f"| {r['steps']} | {name} | {r['blocks']} ({r['parameters']:,}) | {r['f_evaluations_forward']} | "
                      f"{_bytes(r['saved_bytes'])} | {peak}{t['median_s'] * 1e3:.2f} ms [{t['p20_s'] * 1e3:.2f}, "
-                     f"{t['p80_s'] * 1e3:.2f}] | {r['test_acc']:.3f} |")
+                     f"{t['p80_s'] * 1e3:.2f}] | {r['test_acc']:.3f} | {drift} |")
     return "\n".join(lines)

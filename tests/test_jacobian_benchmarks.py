@@ -87,6 +87,7 @@ def test_depth_benchmark_memory_is_flat_for_revdeq_and_linear_for_the_stack(dept
     for r in payload["results"]:
         assert r["cuda_peak_bytes"] is None and r["step_time"]["median_s"] > 0 and 0 <= r["test_acc"] <= 1
         assert r["blocks"] == (1 if r["model"] == "revdeq" else 2 * r["steps"])
+        assert (r["drift_max"] is None) == (r["model"] == "explicit")
     assert "| 3 | RevDEQ, 3 steps |" in table and "| 3 | explicit, 6 blocks |" in table
 
 
