@@ -10,8 +10,8 @@ never from the Jacobian itself (it has ``z.numel()**2`` entries):
   Equilibrium Models by Jacobian Regularization", ICML 2021).
 - :func:`spectral_radius`: ``max |eigenvalue(df/dz)|`` by Arnoldi's method on ``(df/dz)^T``: the
   Krylov subspace that power iteration walks through, with the estimate taken from all of it rather
-  than its last vector (same products, far better estimates, and a complex-conjugate pair of
-  dominant eigenvalues does not stall it).
+  than its last vector: the same products give a better estimate, and a complex-conjugate pair of
+  dominant eigenvalues, where power iteration never settles, is found exactly.
 
 :class:`~revdeq_kernels.RevDEQ` computes both at its returned equilibrium on request
 (``jac_reg=``, ``spectral_radius=``) and puts them in its ``info``.
@@ -242,10 +242,10 @@ def spectral_radius(f, z, x, iters=DEFAULT_RADIUS_ITERS, *, generator=None) -> f
 
     Runs ``min(iters, z.numel())`` Arnoldi steps on ``(df/dz)^T`` with vector-Jacobian products and
     returns the largest Ritz value modulus. With ``iters >= z.numel()`` it is exact up to rounding;
-    with fewer it converges from the outside of the spectrum in (typically within a few percent of
-    the true radius after 20 products for a random dense layer of a few hundred units). For a batch
-    the Jacobian is block-diagonal and the result is the largest radius over its samples, which the
-    Krylov space finds as readily as a single one.
+    with fewer it is usually a slight underestimate that improves with ``iters`` (on random tanh
+    layers of 32 to 128 units with batches of up to 8, 20 products came within 6% of the exact radius
+    and 30 within 3%). For a batch the Jacobian is block-diagonal and the result is the largest radius
+    over its samples.
 
     Cost: one evaluation of ``f`` with graph, ``min(iters, numel)`` VJPs, ``min(iters, numel) + 1``
     z-sized vectors of memory, one host copy of an ``iters x iters`` matrix.
