@@ -115,3 +115,14 @@ def test_synthetic_data_is_deterministic_and_split():
     assert torch.equal(a.x_train, b.x_train) and torch.equal(a.y_test, b.y_test)
     assert (len(a.y_train), len(a.y_test), a.n_features, a.n_classes) == (1500, 500, 64, 10)
     assert len(torch.unique(a.y_train)) == 10, "every class appears"
+
+
+@pytest.mark.gpu
+def test_depth_benchmark_on_cuda_measures_peak_memory(tmp_path):
+    path = tmp_path / "depth.json"
+    _run(["depth", "--device", "cuda", "--data", "synthetic", "--width", "256", "--batch", "256", "--train-limit",
+          "512", "--epochs", "1", "--steps", "2,8", "--output", str(path)])
+    by = {(r["model"], r["steps"]): r for r in json.loads(path.read_text())["results"]}
+    print({k: v["cuda_peak_bytes"] for k, v in by.items()})
+    assert by["explicit", 8]["cuda_peak_bytes"] > 2 * by["explicit", 2]["cuda_peak_bytes"]
+    assert by["revdeq", 8]["cuda_peak_bytes"] <= 1.25 * by["revdeq", 2]["cuda_peak_bytes"]

@@ -151,3 +151,20 @@ def test_revdeq_rejects_bad_options(option, value, error, match):
 def test_repr_names_the_options():
     text = repr(rk.RevDEQ(TanhCell(), jac_reg=2, spectral_radius=True))
     assert "jac_reg=2, spectral_radius=20" in text
+
+
+@pytest.mark.gpu
+def test_diagnostics_on_cuda_match_the_exact_values():
+    device = torch.device("cuda")
+    cell = TanhCell(dim=6).to(device)
+    deq = rk.RevDEQ(cell, beta=0.5, max_steps=60, tol=1e-6, jac_reg=256, spectral_radius=12)
+    x = randn(2, 6, seed=1).to(device).requires_grad_()
+    z = deq(x)
+    J = torch.autograd.functional.jacobian(lambda v: cell(v, x.detach()), z.detach()).reshape(12, 12)
+    radius = torch.linalg.eigvals(J.cpu()).abs().max().item()
+    assert abs(deq.info["spectral_radius"] - radius) <= 1e-10 * radius
+    exact = J.square().sum().item() / 12
+    sigma = (2 * (J @ J.T).square().sum().item()) ** 0.5 / 12 / 256 ** 0.5  # as in test_jacobian.py
+    assert abs(deq.info["jac_penalty"].item() - exact) <= 5 * sigma
+    (z.square().sum() + deq.info["jac_penalty"]).backward()
+    assert x.grad.abs().sum() > 0 and deq.info["drift"] < 1e-3
