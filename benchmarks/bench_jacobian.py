@@ -51,7 +51,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-steps", type=int, default=50, help="RevDEQ max_steps")
     parser.add_argument("--tol", type=float, default=1e-3, help="RevDEQ relative residual tolerance")
     parser.add_argument("--jac-samples", type=int, default=1, help="Hutchinson probes per training step")
-    parser.add_argument("--radius-iters", type=int, default=20, help="Arnoldi steps for the spectral radius")
+    parser.add_argument("--radius-iters", type=int, default=60,
+                        help="Arnoldi steps for the spectral radius of the test set's (block-diagonal) Jacobian")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--train-limit", type=int, default=None, help="use only this many training examples")
 

@@ -23,7 +23,7 @@ class RevDEQ(torch.nn.Module):
             ``self.info["jac_penalty"]``, a differentiable 0-dim tensor to add to the loss,
             ``loss = task_loss + gamma * deq.info["jac_penalty"]``. Off (None) in eval mode.
             Costs one more evaluation of ``f`` with graph and that many double-backward VJPs.
-        spectral_radius: ``True`` (20 Arnoldi steps) or a number of steps: each forward also estimates
+        spectral_radius: ``True`` (40 Arnoldi steps) or a number of steps: each forward also estimates
             ``max |eigenvalue(df/dz)|`` at the returned ``z`` (:func:`~revdeq_kernels.spectral_radius`)
             into ``self.info["spectral_radius"]``; below 1 means f contracts there. Computed on the
             device, read on first access. Costs one evaluation of ``f`` (shared with ``jac_reg``) and
