@@ -136,7 +136,7 @@ class SolverInfo(Mapping):
                         f"{self._caller}: non-finite values in the forward pass {where}: f returned inf or NaN, "
                         f"or the iteration diverged (beta={self._options.beta})")
             self._read_rows = last + 1
-            self._trace.extend(_relative(*row) for row in rows)
+            self._trace.extend(_relative(*row[:2]) for row in rows)
             self._residual = self._trace[-1]
         return self._residual
 
