@@ -49,12 +49,14 @@ class SolverInfo(Mapping):
         None before the backward ran.
         ``"residual_trace"``: list of ``steps + 1`` floats, the relative residual after each step
         (entry 0 at the start ``z0``, the last one equals ``"residual"``); read with ``"residual"``.
-        ``"spectral_radius"``: float, an estimate of ``max |eigenvalue(df/dz)|`` at the returned ``z``
-        (see :func:`~revdeq_kernels.spectral_radius`), when it was asked for (``RevDEQ(...,
-        spectral_radius=True)``), else None; computed on the device, read (one sync) on first access.
-        ``"jac_penalty"``: 0-dim tensor, the Hutchinson estimate of ``||df/dz||_F^2 / z.numel()`` at
-        the returned ``z`` (see :func:`~revdeq_kernels.jacobian_penalty`), differentiable, to add to
-        the loss, when it was asked for (``RevDEQ(..., jac_reg=True)``, training mode), else None.
+
+    Keys present only when the solve was asked for them (:class:`~revdeq_kernels.RevDEQ` options):
+        ``"spectral_radius"`` (``spectral_radius=``): float, an estimate of ``max |eigenvalue(df/dz)|``
+        at the returned ``z`` (see :func:`~revdeq_kernels.spectral_radius`); computed on the device,
+        read (one sync) on first access.
+        ``"jac_penalty"`` (``jac_reg=``): 0-dim tensor, the Hutchinson estimate of
+        ``||df/dz||_F^2 / z.numel()`` at the returned ``z`` (see :func:`~revdeq_kernels.jacobian_penalty`),
+        differentiable, to add to the loss; None in eval mode, where it is not computed.
 
     With ``tol=None`` the solver never synchronises; reading ``"residual"`` or ``"drift"`` (or calling
     :meth:`check`) copies the device evidence to the host once, and that is when non-finite values
@@ -68,7 +70,7 @@ class SolverInfo(Mapping):
         >>> info["residual_trace"]  # [at z0, after step 1, ..., after step 12]
     """
 
-    _KEYS = ("steps", "residual", "drift", "residual_trace", "spectral_radius", "jac_penalty")
+    _KEYS = ("steps", "residual", "drift", "residual_trace")
     # Attached after the solve by the caller (RevDEQ), each a value or a zero-argument callable that
     # is called once, on first read, so device values cost a host sync only when somebody asks.
     DIAGNOSTICS = ("spectral_radius", "jac_penalty")
@@ -81,11 +83,11 @@ class SolverInfo(Mapping):
         self._read_rows = 0  # history rows already checked on the host
         self._residual = None
         self._trace = []  # relative residual of each history row read so far
-        self._diagnostics = {}
+        self._diagnostics = {}  # key -> value or zero-argument callable, in the order attached
         self._backward = None  # (steps + 1, 4): NaN-propagating evidence per backward step, drift last
         self._drift = None
 
-    # Mapping interface: the keys above, always present (None when not computed).
+    # Mapping interface: the core keys, always present, then the diagnostics attached.
     def __getitem__(self, key):
         if key == "steps":
             return self.steps
@@ -95,15 +97,16 @@ class SolverInfo(Mapping):
             return self._read_backward()
         if key == "residual_trace":
             return None if self._read_forward() is None else self._trace[:self.steps + 1]
-        if key in self.DIAGNOSTICS:
+        if key in self._diagnostics:
             return self._read_diagnostic(key)
         raise KeyError(key)
 
     def __iter__(self):
-        return iter(self._KEYS)
+        yield from self._KEYS
+        yield from self._diagnostics
 
     def __len__(self):
-        return len(self._KEYS)
+        return len(self._KEYS) + len(self._diagnostics)
 
     def __repr__(self):
         try:
@@ -154,7 +157,7 @@ class SolverInfo(Mapping):
         self._diagnostics[key] = value
 
     def _read_diagnostic(self, key: str):
-        value = self._diagnostics.get(key)
+        value = self._diagnostics[key]
         if callable(value) and not isinstance(value, torch.Tensor):
             value = self._diagnostics[key] = value()
         return value

@@ -21,7 +21,7 @@ class RevDEQ(torch.nn.Module):
             number of probe vectors: in training mode each forward also puts
             :func:`~revdeq_kernels.jacobian_penalty` at the returned ``z`` (held fixed) in
             ``self.info["jac_penalty"]``, a differentiable 0-dim tensor to add to the loss,
-            ``loss = task_loss + gamma * deq.info["jac_penalty"]``. Off (None) in eval mode.
+            ``loss = task_loss + gamma * deq.info["jac_penalty"]``; None in eval mode (not computed).
             Costs one more evaluation of ``f`` with graph and that many double-backward VJPs.
         spectral_radius: ``True`` (40 Arnoldi steps) or a number of steps: each forward also estimates
             ``max |eigenvalue(df/dz)|`` at the returned ``z`` (:func:`~revdeq_kernels.spectral_radius`)
@@ -65,12 +65,14 @@ class RevDEQ(torch.nn.Module):
     def forward(self, x, z0=None):
         z, info = solve(self.f, x, z0=z0, options=self.options, caller="RevDEQ")
         jac_samples = self.jac_samples if self.training else 0
+        penalty = hessenberg = None
         if jac_samples or self.radius_iters:
             penalty, hessenberg = jacobian.at_equilibrium("RevDEQ", self.f, z, x, jac_samples=jac_samples,
                                                           radius_iters=self.radius_iters)
-            info.set_diagnostic("jac_penalty", penalty)
-            if hessenberg is not None:
-                info.set_diagnostic("spectral_radius", lambda: jacobian.radius_of(hessenberg))
+        if self.jac_samples:
+            info.set_diagnostic("jac_penalty", penalty)  # None in eval mode: the key says it is configured
+        if hessenberg is not None:
+            info.set_diagnostic("spectral_radius", lambda: jacobian.radius_of(hessenberg))
         self.info = info
         return z
 

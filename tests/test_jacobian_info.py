@@ -61,12 +61,20 @@ def test_residual_trace_raises_on_non_finite_like_residual():
         info["residual_trace"]
 
 
-def test_info_keys_default_to_none_without_the_options():
+def test_diagnostic_keys_are_present_only_when_asked_for():
+    x = randn(3, 6, seed=1, requires_grad=True)
     deq = rk.RevDEQ(TanhCell(), beta=0.5, max_steps=4, tol=None)
-    deq(randn(3, 6, seed=1, requires_grad=True))
-    assert list(deq.info) == ["steps", "residual", "drift", "residual_trace", "spectral_radius", "jac_penalty"]
-    assert deq.info["spectral_radius"] is None and deq.info["jac_penalty"] is None
-    assert "jac_penalty': None" in repr(deq.info)
+    deq(x)
+    assert list(deq.info) == ["steps", "residual", "drift", "residual_trace"] and len(deq.info) == 4
+    with pytest.raises(KeyError):
+        deq.info["jac_penalty"]
+    deq = rk.RevDEQ(TanhCell(), beta=0.5, max_steps=4, tol=None, jac_reg=True, spectral_radius=True)
+    deq(x)
+    assert set(deq.info) == {"steps", "residual", "drift", "residual_trace", "jac_penalty", "spectral_radius"}
+    assert "'jac_penalty': tensor(" in repr(deq.info) and isinstance(deq.info["spectral_radius"], float)
+    deq.eval()
+    deq(x)
+    assert deq.info["jac_penalty"] is None and "jac_penalty" in deq.info
 
 
 def test_revdeq_jac_reg_penalty_and_its_gradient():
