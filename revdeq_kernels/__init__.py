@@ -3,6 +3,7 @@
 from . import fixed_point
 from .autograd import reversible_fixed_point
 from .info import DriftError
+from .jacobian import jacobian_penalty, spectral_radius
 from .nn import RevDEQ
 from .ops import available_backends, relax_, relax_fixed_, residual, unrelax_, unrelax_fixed_
 
@@ -13,10 +14,12 @@ __all__ = [
     "RevDEQ",
     "available_backends",
     "fixed_point",
+    "jacobian_penalty",
     "relax_",
     "relax_fixed_",
     "residual",
     "reversible_fixed_point",
+    "spectral_radius",
     "unrelax_",
     "unrelax_fixed_",
     "__version__",

@@ -50,6 +50,16 @@ class SolverInfo(Mapping):
         ``"residual"``: float, ``||z - f(z)|| / ||f(z)||`` at the returned ``z``.
         ``"drift"``: float, after backward: ``max |reconstructed start - z0| / max(|z|, |z0|)``;
         None before the backward ran.
+        ``"residual_trace"``: list of ``steps + 1`` floats, the relative residual after each step
+        (entry 0 at the start ``z0``, the last one equals ``"residual"``); read with ``"residual"``.
+
+    Keys present only when the solve was asked for them (:class:`~revdeq_kernels.RevDEQ` options):
+        ``"spectral_radius"`` (``spectral_radius=``): float, an estimate of ``max |eigenvalue(df/dz)|``
+        at the returned ``z`` (see :func:`~revdeq_kernels.spectral_radius`); computed on the device,
+        read (one sync) on first access.
+        ``"jac_penalty"`` (``jac_reg=``): 0-dim tensor, the Hutchinson estimate of
+        ``||df/dz||_F^2 / z.numel()`` at the returned ``z`` (see :func:`~revdeq_kernels.jacobian_penalty`),
+        differentiable, to add to the loss; None in eval mode, where it is not computed.
 
     Exact mode (``exact=True``) adds, known without a sync: ``"beta"`` (float, the effective beta
     p / 2^m), ``"dyadic_beta"`` (:class:`~revdeq_kernels.fixed_point.DyadicBeta`, its p and m),
@@ -70,9 +80,13 @@ class SolverInfo(Mapping):
         >>> z, info = reversible_fixed_point(f, x)
         >>> info["steps"], info["residual"]
         (12, 0.00094)
+        >>> info["residual_trace"]  # [at z0, after step 1, ..., after step 12]
     """
 
-    _KEYS = ("steps", "residual", "drift")
+    _KEYS = ("steps", "residual", "drift", "residual_trace")
+    # Attached after the solve by the caller (RevDEQ), each a value or a zero-argument callable that
+    # is called once, on first read, so device values cost a host sync only when somebody asks.
+    DIAGNOSTICS = ("spectral_radius", "jac_penalty")
 
     def __init__(self, caller: str, options: "SolverOptions"):
         self._caller = caller
@@ -81,12 +95,15 @@ class SolverInfo(Mapping):
         self._history = None  # (max_steps + 1, 2): [||z - f(z)||^2, ||f(z)||^2] after each step
         self._read_rows = 0  # history rows already checked on the host
         self._residual = None
+        self._trace = []  # relative residual of each history row read so far
+        self._diagnostics = {}  # key -> value or zero-argument callable, in the order attached
         self._backward = None  # (steps + 1, 4): NaN-propagating evidence per backward step, drift last
         self._drift = None
         self._status = self._backward_status = None  # exact mode: int32 flags per step of each pass
         self._facts = {}  # further keys, set once by the solver (exact mode's beta and memory)
 
-    # Mapping interface: the three keys, always present, then the facts the solver added.
+    # Mapping interface: the core keys, always present, then the diagnostics attached, then the facts
+    # the solver added.
     def __getitem__(self, key):
         if key in self._facts:
             return self._facts[key]
@@ -96,14 +113,19 @@ class SolverInfo(Mapping):
             return self._read_forward()
         if key == "drift":
             return self._read_backward()
+        if key == "residual_trace":
+            return None if self._read_forward() is None else self._trace[:self.steps + 1]
+        if key in self._diagnostics:
+            return self._read_diagnostic(key)
         raise KeyError(key)
 
     def __iter__(self):
         yield from self._KEYS
+        yield from self._diagnostics
         yield from self._facts
 
     def __len__(self):
-        return len(self._KEYS) + len(self._facts)
+        return len(self._KEYS) + len(self._diagnostics) + len(self._facts)
 
     def add_facts(self, facts: Mapping) -> None:
         """Further read-only entries (values known on the host), e.g. exact mode's beta and memory."""
@@ -130,6 +152,7 @@ class SolverInfo(Mapping):
         self._status = status
         self._read_rows = 0
         self._residual = None
+        self._trace = []
 
     def read_forward_rows(self, last: int) -> float:
         """Read the history rows not yet read, up to ``last`` (one sync), raise at the first non-finite
@@ -146,7 +169,8 @@ class SolverInfo(Mapping):
                         f"{self._caller}: non-finite values in the forward pass {where}: f returned inf or NaN, "
                         f"or the iteration diverged (beta={self._options.beta})")
             self._read_rows = last + 1
-            self._residual = _relative(*rows[-1][:2])
+            self._trace.extend(_relative(*row[:2]) for row in rows)
+            self._residual = self._trace[-1]
         return self._residual
 
     def residual_history(self) -> torch.Tensor | None:
@@ -160,6 +184,20 @@ class SolverInfo(Mapping):
         if self._history is None:
             return None
         return self.read_forward_rows(self.steps)
+
+    # Diagnostics computed after the solve.
+    def set_diagnostic(self, key: str, value) -> None:
+        """Attach ``key`` (one of :attr:`DIAGNOSTICS`): a value, or a zero-argument callable whose result
+        is computed on the first read and kept."""
+        if key not in self.DIAGNOSTICS:
+            raise KeyError(f"SolverInfo.set_diagnostic: unknown key {key!r}; expected one of {self.DIAGNOSTICS}")
+        self._diagnostics[key] = value
+
+    def _read_diagnostic(self, key: str):
+        value = self._diagnostics[key]
+        if callable(value) and not isinstance(value, torch.Tensor):
+            value = self._diagnostics[key] = value()
+        return value
 
     # The backward's evidence.
     def set_backward(self, evidence: torch.Tensor, status: torch.Tensor | None = None) -> None:

@@ -2,6 +2,7 @@
 
 import torch
 
+from . import jacobian
 from .autograd import solve
 from .solver import SolverOptions
 
@@ -20,6 +21,17 @@ class RevDEQ(torch.nn.Module):
             fixed-point states that the backward reconstructs bit for bit (drift exactly 0 at any
             depth), beta rounded to the nearest p / 2^m (m <= 8), m bits per element per half-step of
             memory. ``self.options.beta`` and ``info["dyadic_beta"]`` hold the effective beta.
+        jac_reg: Jacobian regularisation (Bai, Koltun & Kolter 2021). ``True`` (one probe vector) or a
+            number of probe vectors: in training mode each forward also puts
+            :func:`~revdeq_kernels.jacobian_penalty` at the returned ``z`` (held fixed) in
+            ``self.info["jac_penalty"]``, a differentiable 0-dim tensor to add to the loss,
+            ``loss = task_loss + gamma * deq.info["jac_penalty"]``; None in eval mode (not computed).
+            Costs one more evaluation of ``f`` with graph and that many double-backward VJPs.
+        spectral_radius: ``True`` (40 Arnoldi steps) or a number of steps: each forward also estimates
+            ``max |eigenvalue(df/dz)|`` at the returned ``z`` (:func:`~revdeq_kernels.spectral_radius`)
+            into ``self.info["spectral_radius"]``; below 1 means f contracts there. Computed on the
+            device, read on first access. Costs one evaluation of ``f`` (shared with ``jac_reg``) and
+            that many VJPs.
 
     ``forward(x, z0=None)``: ``x`` a tensor or tuple of tensors, ``z0`` the start (default zeros
     shaped like x's first tensor). Returns ``z`` in z0's dtype (else x's). The last call's
@@ -39,10 +51,18 @@ class RevDEQ(torch.nn.Module):
         >>> deq = RevDEQ(Cell(), beta=0.8125, max_steps=100, tol=None, exact=True)
         >>> deq(torch.randn(32, 64)).sum().backward(); deq.info["drift"], deq.info["remainder_bytes"]
         (0.0, 204800)
+
+        Jacobian regularisation and diagnostics:
+
+        >>> deq = RevDEQ(Cell(), beta=0.5, max_steps=20, jac_reg=True, spectral_radius=True)
+        >>> x = torch.randn(32, 64)
+        >>> loss = deq(x).square().mean() + 0.5 * deq.info["jac_penalty"]
+        >>> deq.info["residual_trace"], deq.info["spectral_radius"]
     """
 
     def __init__(self, f: torch.nn.Module, beta=0.8, max_steps=30, tol=1e-3, *, check_every=1,
-                 state_dtype=torch.float64, max_drift=None, backend=None, exact=False, frac_bits=None):
+                 state_dtype=torch.float64, max_drift=None, backend=None, exact=False, frac_bits=None,
+                 jac_reg=False, spectral_radius=False):
         super().__init__()
         if not isinstance(f, torch.nn.Module):
             raise TypeError(f"RevDEQ: f must be an nn.Module called as f(z, x), got {type(f).__name__}; for a "
@@ -52,10 +72,23 @@ class RevDEQ(torch.nn.Module):
                                           check_every=check_every, state_dtype=state_dtype,
                                           max_drift=max_drift, backend=backend, exact=exact,
                                           frac_bits=frac_bits)
+        self.jac_samples = jacobian.sample_count("RevDEQ", "jac_reg", jac_reg, default=1)
+        self.radius_iters = jacobian.sample_count("RevDEQ", "spectral_radius", spectral_radius,
+                                                  default=jacobian.DEFAULT_RADIUS_ITERS)
         self.info = None
 
     def forward(self, x, z0=None):
-        z, self.info = solve(self.f, x, z0=z0, options=self.options, caller="RevDEQ")
+        z, info = solve(self.f, x, z0=z0, options=self.options, caller="RevDEQ")
+        jac_samples = self.jac_samples if self.training else 0
+        penalty = hessenberg = None
+        if jac_samples or self.radius_iters:
+            penalty, hessenberg = jacobian.at_equilibrium("RevDEQ", self.f, z, x, jac_samples=jac_samples,
+                                                          radius_iters=self.radius_iters)
+        if self.jac_samples:
+            info.set_diagnostic("jac_penalty", penalty)  # None in eval mode: the key says it is configured
+        if hessenberg is not None:
+            info.set_diagnostic("spectral_radius", lambda: jacobian.radius_of(hessenberg))
+        self.info = info
         return z
 
     def extra_repr(self) -> str:
@@ -64,4 +97,8 @@ class RevDEQ(torch.nn.Module):
                 f"state_dtype={o.state_dtype}")
         if o.exact:
             text += f", exact=True (beta={o.dyadic_beta}), frac_bits={o.frac_bits}"
+        if self.jac_samples:
+            text += f", jac_reg={self.jac_samples}"
+        if self.radius_iters:
+            text += f", spectral_radius={self.radius_iters}"
         return text

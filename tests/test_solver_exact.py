@@ -241,12 +241,13 @@ def test_exact_beta_may_be_given_as_p_m_and_info_lists_the_facts():
     x = randn(3, 6, seed=1, requires_grad=True)
     z, info = rfp(TanhCell(), x, beta=(21, 4), max_steps=5, tol=None, exact=True)
     assert info["dyadic_beta"] == DyadicBeta(21, 4) and info["beta"] == 1.3125
-    assert set(info) == {"steps", "residual", "drift", "beta", "dyadic_beta", "frac_bits", "remainder_bytes",
-                         "stored_states_bytes"}
+    assert set(info) == {"steps", "residual", "drift", "residual_trace", "beta", "dyadic_beta", "frac_bits",
+                         "remainder_bytes", "stored_states_bytes"}
     assert info["stored_states_bytes"] == 2 * 5 * 18 * 8  # both states, every step, 8 bytes each
     assert info["remainder_bytes"] == fxp.remainder_bytes(18, 4, 10)
-    # Float mode keeps its three keys.
-    assert set(rfp(TanhCell(), x, beta=0.5, max_steps=2, tol=None)[1]) == {"steps", "residual", "drift"}
+    # Float mode keeps its core keys.
+    assert set(rfp(TanhCell(), x, beta=0.5, max_steps=2, tol=None)[1]) == {"steps", "residual", "drift",
+                                                                          "residual_trace"}
 
 
 # ---------------------------------------------------------------------------------------------
