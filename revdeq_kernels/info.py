@@ -50,6 +50,8 @@ class SolverInfo(Mapping):
         ``"residual"``: float, ``||z - f(z)|| / ||f(z)||`` at the returned ``z``.
         ``"drift"``: float, after backward: ``max |reconstructed start - z0| / max(|z|, |z0|)``;
         None before the backward ran.
+        For a tuple state both are taken over all members together (norms over every element, max
+        over every element).
 
     Exact mode (``exact=True``) adds, known without a sync: ``"beta"`` (float, the effective beta
     p / 2^m), ``"dyadic_beta"`` (:class:`~revdeq_kernels.fixed_point.DyadicBeta`, its p and m),
