@@ -2,7 +2,8 @@
 
 The solver leaves its evidence on the device (the residual after every forward step, NaN-propagating
 residuals per backward step, the drift); reading it costs one host synchronisation per pass, and that is
-where non-finite values and excess drift are reported.
+where non-finite values and excess drift are reported. For a tuple state (several tensors) the residual
+and the drift are taken over all members together.
 """
 
 import math
@@ -50,8 +51,6 @@ class SolverInfo(Mapping):
         ``"residual"``: float, ``||z - f(z)|| / ||f(z)||`` at the returned ``z``.
         ``"drift"``: float, after backward: ``max |reconstructed start - z0| / max(|z|, |z0|)``;
         None before the backward ran.
-        For a tuple state both are taken over all members together (norms over every element, max
-        over every element).
 
     Exact mode (``exact=True``) adds, known without a sync: ``"beta"`` (float, the effective beta
     p / 2^m), ``"dyadic_beta"`` (:class:`~revdeq_kernels.fixed_point.DyadicBeta`, its p and m),
