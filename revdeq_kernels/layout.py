@@ -59,9 +59,12 @@ class StateLayout:
         return f"a tuple state of shapes {', '.join(map(str, self.shapes))}"
 
     # Buffers and their members.
+    @property
+    def buffer_shape(self) -> tuple:
+        return (self.numel,) if self.is_tuple else self.shapes[0]
+
     def zeros(self, dtype) -> torch.Tensor:
-        shape = self.shapes[0] if not self.is_tuple else (self.numel,)
-        return torch.zeros(shape, dtype=dtype, device=self.device)
+        return torch.zeros(self.buffer_shape, dtype=dtype, device=self.device)
 
     def members(self, buffer: torch.Tensor):
         """The buffer as the ops take it: itself (a single tensor), or a tuple of views (a tuple)."""
@@ -87,7 +90,7 @@ class StateLayout:
 
     def gather(self, value, dtype) -> torch.Tensor:
         """A new buffer of ``dtype`` holding a structured value (one copy per member)."""
-        buffer = self.zeros(dtype) if self.is_tuple else torch.empty(self.shapes[0], dtype=dtype, device=self.device)
+        buffer = torch.empty(self.buffer_shape, dtype=dtype, device=self.device)  # the members cover it
         for member, v in zip(self.split(self.members(buffer)), self.split(value)):
             member.copy_(v.detach())
         return buffer
