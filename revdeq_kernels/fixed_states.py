@@ -20,6 +20,7 @@ import torch
 
 from . import fixed_point as fxp
 from . import ops
+from .layout import StateLayout
 
 # A status bit of the solver's own, beside fixed_point.FixedStatus (which uses the low 4 bits): z0
 # held values that fixed point cannot represent. Only row 0 of the forward's status carries it.
@@ -118,9 +119,12 @@ class FixedStates:
     """The two RevDEQ states as int64 fixed point, updated by ``relax_fixed_`` / ``unrelax_fixed_``.
 
     Args:
-        y, z: int64 states with ``frac_bits`` fractional bits, same shape; owned and updated in place.
-        compute_dtype: the dtype ``f`` sees: :func:`~revdeq_kernels.fixed_point.from_fixed` of a state,
-            so the same state always gives ``f`` the same bits.
+        y, z: int64 state buffers with ``frac_bits`` fractional bits laid out by ``layout``; owned and
+            updated in place. A tuple state is one flat buffer per state: the single-tensor fixed ops
+            update all members at once, from ``f``'s outputs gathered into one flat tensor (one copy).
+        layout: the state's :class:`~revdeq_kernels.layout.StateLayout`; ``f`` sees each member as
+            :func:`~revdeq_kernels.fixed_point.from_fixed` in its compute dtype, so the same state
+            always gives ``f`` the same bits.
         beta: a :class:`~revdeq_kernels.fixed_point.DyadicBeta` p / 2^m.
         frac_bits: F, in [0, 52].
         remainders: the :class:`RemainderTape` of this solve.
@@ -131,36 +135,36 @@ class FixedStates:
         forward: True for the forward's states, False for the backward's.
 
     Example:
-        >>> s = FixedStates.start(None, (4, 8), "cpu", torch.float32, fxp.DyadicBeta(13, 4), 32, None, 10, 10)
+        >>> layout = StateLayout(torch.Tensor, [(4, 8)], [torch.float32], "cpu")
+        >>> s = FixedStates.start(None, layout, fxp.DyadicBeta(13, 4), 32, None, 10, 10)
         >>> s.relax_("y", torch.randn(4, 8)); s.show("y").dtype, s.y.dtype
         (torch.float32, torch.int64)
     """
 
     residual_dtype = torch.float64  # the tolerance check runs on the float64 value of the state
 
-    def __init__(self, y, z, compute_dtype, beta: fxp.DyadicBeta, frac_bits: int, remainders: RemainderTape,
+    def __init__(self, y, z, layout: StateLayout, beta: fxp.DyadicBeta, frac_bits: int, remainders: RemainderTape,
                  status: torch.Tensor, backend, forward: bool):
         self.y, self.z = y, z
-        self.compute_dtype = compute_dtype
+        self.layout = layout
         self.beta, self.frac_bits = beta, frac_bits
         self.remainders, self.status = remainders, status
         self.backend = backend
         self.forward = forward
 
     @classmethod
-    def start(cls, start, shape, device, compute_dtype, beta, frac_bits, backend, max_steps,
-              first_steps) -> "FixedStates":
-        """Both states at ``quantize(start)`` (None means zeros); room for ``first_steps`` steps of
-        remainders to begin with, growing up to ``max_steps`` (``first_steps=None``: keep none, no
-        backward will run)."""
+    def start(cls, start, layout: StateLayout, beta, frac_bits, backend, max_steps, first_steps) -> "FixedStates":
+        """Both states at ``quantize(start)`` (a structured value like z0; None means zeros); room for
+        ``first_steps`` steps of remainders to begin with, growing up to ``max_steps``
+        (``first_steps=None``: keep none, no backward will run)."""
+        device = layout.device
         status = torch.zeros(max_steps + 1, dtype=torch.int32, device=device)
-        y = torch.zeros(shape, dtype=torch.int64, device=device)
+        y = layout.zeros(torch.int64)
         if start is not None:
-            y.copy_(quantize(start, frac_bits, status[0:1]))
-        numel = y.numel()
+            y.copy_(quantize(layout.gather(start, torch.float64), frac_bits, status[0:1]))
         keep = first_steps is not None
-        tape = RemainderTape(numel, beta.m, device, 2 * (first_steps or 1), 2 * max_steps, keep=keep)
-        return cls(y, y.clone(), compute_dtype, beta, frac_bits, tape, status, backend, forward=True)
+        tape = RemainderTape(y.numel(), beta.m, device, 2 * (first_steps or 1), 2 * max_steps, keep=keep)
+        return cls(y, y.clone(), layout, beta, frac_bits, tape, status, backend, forward=True)
 
     def finish_forward(self) -> None:
         self.remainders.trim()
@@ -170,68 +174,86 @@ class FixedStates:
         return (self.y, self.z, *self.remainders.chunks)
 
     @classmethod
-    def from_saved(cls, saved, compute_dtype, beta, frac_bits, backend, steps: int) -> "FixedStates":
+    def from_saved(cls, saved, layout: StateLayout, beta, frac_bits, backend, steps: int) -> "FixedStates":
         """The states again from :meth:`saved`, with a fresh status for the backward's ``steps`` steps."""
         y, z, *chunks = saved
         tape = RemainderTape(y.numel(), beta.m, y.device, 0, 2 * steps, chunks=chunks)
         status = torch.zeros(steps + 1, dtype=torch.int32, device=y.device)
-        return cls(y, z, compute_dtype, beta, frac_bits, tape, status, backend, forward=False)
+        return cls(y, z, layout, beta, frac_bits, tape, status, backend, forward=False)
 
-    def show(self, which: str) -> torch.Tensor:
-        """The state as f sees it: its value, rounded once to the compute dtype (a fresh tensor)."""
-        return fxp.from_fixed(getattr(self, which), self.frac_bits, self.compute_dtype)
+    def show(self, which: str):
+        """The state as f sees it: its value, rounded once to each member's compute dtype (fresh tensors).
 
-    def show_for_grad(self, which: str) -> torch.Tensor:
-        return self.show(which).requires_grad_()
+        The value goes through float64 exactly, so rounding it to a member's dtype afterwards gives the
+        bits :func:`~revdeq_kernels.fixed_point.from_fixed` would give for that member alone."""
+        layout = self.layout
+        return layout.cast(fxp.from_fixed(getattr(self, which), self.frac_bits, layout.common_dtype or torch.float64))
+
+    def show_for_grad(self, which: str):
+        layout = self.layout
+        return layout.join([m.detach().requires_grad_() for m in layout.split(self.show(which))])
 
     def _status_row(self, half_step: int) -> torch.Tensor:
         step = half_step // 2 + 1  # half-steps 2n-2 (y) and 2n-1 (z) make up step n
         return self.status[step:step + 1]
 
-    def relax_(self, which: str, f_val: torch.Tensor) -> None:
+    def _f_values(self, f_val) -> torch.Tensor:
+        """f's output shaped like a state buffer (a tuple's members gathered into one flat tensor)."""
+        return self.layout.flat(f_val)
+
+    def relax_(self, which: str, f_val) -> None:
         half_step = self.remainders.used
-        ops.relax_fixed_(getattr(self, which), f_val.detach(), self.beta, self.remainders.push(),
+        ops.relax_fixed_(getattr(self, which), self._f_values(f_val), self.beta, self.remainders.push(),
                          frac_bits=self.frac_bits, status=self._status_row(half_step), backend=self.backend)
 
-    def unrelax_(self, which: str, f_val: torch.Tensor) -> None:
+    def unrelax_(self, which: str, f_val) -> None:
         remainder = self.remainders.pop()
-        ops.unrelax_fixed_(getattr(self, which), f_val.detach(), self.beta, remainder, frac_bits=self.frac_bits,
-                           status=self._status_row(self.remainders.used), backend=self.backend)
+        ops.unrelax_fixed_(getattr(self, which), self._f_values(f_val), self.beta, remainder,
+                           frac_bits=self.frac_bits, status=self._status_row(self.remainders.used),
+                           backend=self.backend)
 
     def _value(self, which: str) -> torch.Tensor:
         return fxp.from_fixed(getattr(self, which), self.frac_bits, torch.float64)
 
-    def residual(self, fz: torch.Tensor) -> torch.Tensor:
-        """[||z - fz||^2, ||fz||^2] in float64 on the device, with z's exact float64 value.
+    def residual(self, fz) -> torch.Tensor:
+        """[||z - fz||^2, ||fz||^2] over all members in float64 on the device, with z's exact float64 value.
 
         In the forward it also flags an ``fz`` outside the range in the row of the step that evaluated
         it (the next step's relaxation would flag it only there), as a non-finite ``fz`` shows in the
-        residual of that step."""
-        fz = fz.detach()
-        if self.forward and fz.numel():
-            largest = fz.abs().amax().to(torch.float64)
+        residual of that step. A tuple state is summed member by member (one multi-tensor call), so
+        this needs no gathered copy of ``fz``."""
+        layout = self.layout
+        members = [m.detach() for m in layout.split(fz) if m.numel()]
+        if self.forward and members:
+            largest = members[0].abs().amax().to(torch.float64)
+            for m in members[1:]:
+                largest = torch.maximum(largest, m.abs().amax().to(torch.float64))
             too_big = torch.isfinite(largest) & (largest * math.ldexp(1.0, self.frac_bits) > fxp.LIMIT)
             step = self.remainders.used // 2  # called after the step's two half-steps (0: f(z0))
             self.status[step:step + 1].bitwise_or_(too_big.to(torch.int32) * int(fxp.FixedStatus.F_OUT_OF_RANGE))
-        return ops.residual(self._value("z"), fz, backend=self.backend)
+        return ops.residual(layout.members(self._value("z")), layout.detach(fz), backend=self.backend)
 
-    def output(self) -> torch.Tensor:
-        return self.show("z")
+    def output(self):
+        """z's value in the compute dtypes, each member a fresh tensor of its own."""
+        layout = self.layout
+        return layout.join([fxp.from_fixed(m, self.frac_bits, d)
+                            for m, d in zip(layout.split(layout.members(self.z)), layout.compute_dtypes)])
 
-    def scale(self, start: torch.Tensor | None) -> torch.Tensor:
-        """max(|z|, |start|) in float64 as a device scalar."""
+    def scale(self, start) -> torch.Tensor:
+        """max(|z|, |start|) over all members in float64 as a device scalar."""
         scale = self._value("z").abs().amax() if self.z.numel() else torch.zeros((), dtype=torch.float64,
                                                                                  device=self.z.device)
-        if start is not None and start.numel():
-            scale = torch.maximum(scale, start.detach().abs().amax().to(torch.float64))
+        if start is not None and self.z.numel():
+            scale = torch.maximum(scale, self.layout.gather(start, torch.float64).abs().amax())
         return scale
 
-    def distance_to(self, start: torch.Tensor | None) -> torch.Tensor:
+    def distance_to(self, start) -> torch.Tensor:
         """max |state - start| over both states in float64, from the exact integer difference with the
         forward's start (``quantize(start)``): exactly 0 when the reconstruction is bit-exact."""
         if self.z.numel() == 0:
             return torch.zeros((), dtype=torch.float64, device=self.z.device)
-        s = quantize(start, self.frac_bits) if start is not None else torch.zeros_like(self.z)
+        s = (quantize(self.layout.gather(start, torch.float64), self.frac_bits) if start is not None
+             else torch.zeros_like(self.z))
         d = torch.maximum((self.y - s).abs().amax(), (self.z - s).abs().amax())
         return d.to(torch.float64) * math.ldexp(1.0, -self.frac_bits)
 

@@ -2,7 +2,8 @@
 
 The solver leaves its evidence on the device (the residual after every forward step, NaN-propagating
 residuals per backward step, the drift); reading it costs one host synchronisation per pass, and that is
-where non-finite values and excess drift are reported.
+where non-finite values and excess drift are reported. For a tuple state (several tensors) the residual
+and the drift are taken over all members together.
 """
 
 import math

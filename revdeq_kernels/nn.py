@@ -34,8 +34,10 @@ class RevDEQ(torch.nn.Module):
             that many VJPs.
 
     ``forward(x, z0=None)``: ``x`` a tensor or tuple of tensors, ``z0`` the start (default zeros
-    shaped like x's first tensor). Returns ``z`` in z0's dtype (else x's). The last call's
-    :class:`~revdeq_kernels.info.SolverInfo` is kept as ``self.info``.
+    shaped like x's first tensor), or a tuple (or list) of tensors for a tuple state, with ``f``
+    returning as many (see :func:`~revdeq_kernels.reversible_fixed_point`). Returns ``z`` in z0's
+    dtype (else x's), structured like z0. The last call's :class:`~revdeq_kernels.info.SolverInfo` is
+    kept as ``self.info``.
 
     Example:
         >>> class Cell(torch.nn.Module):

@@ -28,6 +28,11 @@ relaxed, un-relaxed and shown to ``f``; the loops below only call it. Exact mode
 :class:`~revdeq_kernels.fixed_states.FixedStates` (int64 fixed point, bit-reversible) and nothing else
 changes: the adjoints stay floating point. :class:`~revdeq_kernels.rng.RngTape`
 replays randomness; :class:`~revdeq_kernels.info.SolverInfo` reports.
+
+Tuple states (z0 and f's output tuples of tensors) run the same loops: values of the state's
+structure (``fz``, ``fy``, the vjps ``a`` and ``b``) are a tensor or a tuple of member tensors, the
+states and the adjoints ``hy``, ``hz`` are one buffer each laid out by a
+:class:`~revdeq_kernels.layout.StateLayout`, and every fused op is one multi-tensor call.
 """
 
 import contextlib
@@ -41,6 +46,7 @@ from . import backends, ops
 from . import fixed_point as fxp
 from .fixed_states import FixedStates
 from .info import SolverInfo
+from .layout import StateLayout
 from .rng import RngTape
 from .states import FloatStates
 
@@ -133,24 +139,24 @@ class Problem:
 
     Args:
         caller: the public name used in error messages.
-        f: callable ``f(z, x) -> Tensor`` shaped like ``z``.
+        f: callable ``f(z, x)`` returning a tensor shaped like ``z``, or for a tuple state a tuple (or
+            list) of tensors shaped like z's members.
         x_kind: ``"tensor"`` (x is one tensor) or the container type (tuple or list) x came in.
         n_x: how many tensors x holds.
-        state_shape, device: the states' shape and device.
-        compute_dtype: the dtype f sees and is expected to return (it may return a less precise one
-            under autocast).
+        layout: the state's :class:`~revdeq_kernels.layout.StateLayout`: its members' shapes, the
+            dtype f sees and is expected to return for each (it may return a less precise one under
+            autocast), and the device.
         default_start: True when z0 was not given (zeros shaped like x's first tensor).
         options: :class:`SolverOptions`.
         check_closures: look at the graph of f's first evaluation for tensors that require grad but
             were not passed (see :func:`check_declared`).
     """
 
-    def __init__(self, caller, f, x_kind, n_x, state_shape, device, compute_dtype, default_start, options,
-                 check_closures=False):
+    def __init__(self, caller, f, x_kind, n_x, layout: StateLayout, default_start, options, check_closures=False):
         self.caller, self.f = caller, f
         self.x_kind, self.n_x = x_kind, n_x
-        self.state_shape, self.device = tuple(state_shape), device
-        self.compute_dtype, self.default_start = compute_dtype, default_start
+        self.layout, self.device = layout, layout.device
+        self.default_start = default_start
         self.options = options
         self.check_closures = check_closures
 
@@ -160,35 +166,59 @@ class Problem:
             return x_tensors[0]
         return self.x_kind(x_tensors)
 
-    def evaluate(self, z: torch.Tensor, x, where: str) -> torch.Tensor:
-        """``f(z, x)`` with its output checked; ``where`` names the pass and step for errors."""
+    def evaluate(self, z, x, where: str):
+        """``f(z, x)`` with its output checked; ``where`` names the pass and step for errors.
+
+        ``z`` is a tensor, or a tuple of members that f receives in the caller's container. Returns f's
+        output as the solver passes structured values around: a tensor, or a tuple of members."""
+        layout = self.layout
         try:
-            out = self.f(z, x)
+            out = self.f(layout.pack(z), x)
         except Exception as exc:
             if where == FIRST_EVALUATION and hasattr(exc, "add_note"):  # Python >= 3.11
                 origin = ("the default z0: zeros shaped like x's first tensor; if f's state has another shape, "
                           "pass z0=" if self.default_start else "z0's shape")
-                exc.add_note(f"{self.caller}: raised by f on its first call, with a state of shape "
-                             f"{self.state_shape} ({origin})")
+                if layout.is_tuple and not self.default_start:
+                    origin = "z0's shapes"
+                exc.add_note(f"{self.caller}: raised by f on its first call, with {layout.describe()} ({origin})")
             raise
-        self._check_output(out, where)
-        return out
-
-    def _check_output(self, out, where: str) -> None:
         name = f"{self.caller}: f ({where})"
-        if not isinstance(out, torch.Tensor):
-            raise TypeError(f"{name} must return a torch.Tensor, got {type(out).__name__}")
-        if tuple(out.shape) != self.state_shape:
+        if not layout.is_tuple:
+            if not isinstance(out, torch.Tensor):
+                hint = ("; a tuple state needs z0 passed as a tuple of tensors shaped like f's outputs (z0=None "
+                        "starts a single-tensor state)" if isinstance(out, (tuple, list)) else "")
+                raise TypeError(f"{name} must return a torch.Tensor, got {type(out).__name__}{hint}")
+            self._check_member(name, out, 0)
+            return out
+        if not isinstance(out, (tuple, list)):
+            raise TypeError(f"{name} must return a tuple (or list) of {len(layout.shapes)} tensors like z0, got "
+                            f"{type(out).__name__}")
+        if len(out) != len(layout.shapes):
+            raise ValueError(f"{name} returned {len(out)} tensors but z0 has {len(layout.shapes)}")
+        for i, member in enumerate(out):
+            if not isinstance(member, torch.Tensor):
+                raise TypeError(f"{name} returned a {type(member).__name__} as output [{i}]; every output must "
+                                "be a torch.Tensor")
+            self._check_member(name, member, i)
+        return tuple(out)
+
+    def _check_member(self, name: str, out: torch.Tensor, i: int) -> None:
+        """Member ``i`` of f's output against the state's member ``i`` (the whole state for one tensor)."""
+        layout = self.layout
+        shape, compute = layout.shapes[i], layout.compute_dtypes[i]
+        if layout.is_tuple:
+            returned, state, state_dtype, origin = f" as output [{i}]", f"z0[{i}]", f"z0[{i}]", f"z0[{i}]'s dtype"
+        else:
+            returned, state, state_dtype, origin = "", "the state (z0)", "the state", "z0's dtype, else x's"
+        if tuple(out.shape) != shape:
             hint = (" z0 defaults to zeros shaped like x's first tensor; pass z0= shaped like f's output"
                     if self.default_start else "")
-            raise ValueError(f"{name} returned shape {tuple(out.shape)} but the state (z0) has shape "
-                             f"{self.state_shape}.{hint}")
+            raise ValueError(f"{name} returned shape {tuple(out.shape)}{returned} but {state} has shape {shape}.{hint}")
         if out.device != self.device:
-            raise ValueError(f"{name} returned a tensor on {out.device} but the state (z0) is on {self.device}")
-        if out.dtype != self.compute_dtype and not self._autocast_allows(out.dtype):
-            raise TypeError(f"{name} returned dtype {out.dtype} but the state is computed in "
-                            f"{self.compute_dtype} (z0's dtype, else x's); f must return that dtype (or, under "
-                            "torch.autocast, a less precise one)")
+            raise ValueError(f"{name} returned a tensor on {out.device}{returned} but {state} is on {self.device}")
+        if out.dtype != compute and not self._autocast_allows(out.dtype):
+            raise TypeError(f"{name} returned dtype {out.dtype}{returned} but {state_dtype} is computed in {compute} "
+                            f"({origin}); f must return that dtype (or, under torch.autocast, a less precise one)")
 
     def _autocast_allows(self, dtype) -> bool:
         return (dtype.is_floating_point and torch.is_autocast_enabled(self.device.type)
@@ -212,16 +242,23 @@ def _is_leaf_node(node) -> bool:
     return getattr(node, "variable", None) is not None  # AccumulateGrad: a leaf that requires grad
 
 
-def check_declared(problem: Problem, out: torch.Tensor, declared) -> None:
-    """Raise when ``out``'s graph reaches a leaf that requires grad other than through ``declared``.
+def _grad_fns(problem: Problem, out) -> list:
+    """The autograd nodes of f's output members that require grad."""
+    return [t.grad_fn for t in problem.layout.split(out) if t.requires_grad]
+
+
+def check_declared(problem: Problem, out, declared) -> None:
+    """Raise when the graph of ``out`` (f's output) reaches a leaf that requires grad other than through
+    ``declared``.
 
     Such a tensor (a closure's weight, an encoder behind a closed-over activation) would get no
     gradient from the solver: the backward differentiates only with respect to x, z0 and params.
     """
-    if not out.requires_grad:
+    roots = _grad_fns(problem, out)
+    if not roots:
         return
     stop = {torch.autograd.graph.get_gradient_edge(t).node for t in declared}
-    hidden = [node.variable for node in _walk([out.grad_fn], lambda n: n in stop or _is_leaf_node(n))
+    hidden = [node.variable for node in _walk(roots, lambda n: n in stop or _is_leaf_node(n))
               if node not in stop and _is_leaf_node(node)]
     if hidden:
         shapes = ", ".join(str(tuple(t.shape)) for t in hidden[:4]) + (", ..." if len(hidden) > 4 else "")
@@ -231,19 +268,20 @@ def check_declared(problem: Problem, out: torch.Tensor, declared) -> None:
             "(or the tensors f closes over) with params=[...], or detach them")
 
 
-def check_partial(problem: Problem, out: torch.Tensor, inputs) -> None:
-    """Raise when a vjp of ``out`` with respect to ``inputs`` would not be a partial derivative.
+def check_partial(problem: Problem, out, inputs) -> None:
+    """Raise when a vjp of ``out`` (f's output) with respect to ``inputs`` would not be a partial derivative.
 
     The backward differentiates each evaluation of f with respect to x and params separately, and
     autograd then carries the x gradient through x's own history. If f reaches a non-leaf input (a
     closure over x, a computed weight) whose history leads to another input, torch.autograd.grad
     would also follow that history: gradients would count twice and the outer graph would run early.
     """
-    if not out.requires_grad:
+    roots = _grad_fns(problem, out)
+    if not roots:
         return
     targets = {torch.autograd.graph.get_gradient_edge(t).node for t in inputs}
     boundaries = {t.grad_fn for t in inputs if t.grad_fn is not None}
-    reached = [n for n in _walk([out.grad_fn], lambda n: n in boundaries or _is_leaf_node(n)) if n in boundaries]
+    reached = [n for n in _walk(roots, lambda n: n in boundaries or _is_leaf_node(n)) if n in boundaries]
     if not reached:
         return
     histories = [next_node for node in reached for next_node, _ in node.next_functions]
@@ -262,24 +300,24 @@ FIRST_REMAINDER_STEPS = 16
 
 
 def start_states(problem: Problem, z0, keep_remainders: bool):
-    """The two states at z0 (None: zeros): :class:`FloatStates`, or :class:`FixedStates` in exact mode.
+    """The two states at z0 (a tensor or tuple of tensors, or None: zeros): :class:`FloatStates`, or
+    :class:`FixedStates` in exact mode.
 
     ``keep_remainders``: a backward will follow, so exact mode keeps every half-step's remainder bits."""
     o = problem.options
     if o.exact:
         first = o.max_steps if o.tol is None else min(o.max_steps, FIRST_REMAINDER_STEPS)
-        return FixedStates.start(z0, problem.state_shape, problem.device, problem.compute_dtype, o.dyadic_beta,
-                                 o.frac_bits, o.backend, o.max_steps, first if keep_remainders else None)
-    return FloatStates.start(z0, problem.state_shape, problem.device, o.state_dtype, problem.compute_dtype,
-                             o.beta, o.backend)
+        return FixedStates.start(z0, problem.layout, o.dyadic_beta, o.frac_bits, o.backend, o.max_steps,
+                                 first if keep_remainders else None)
+    return FloatStates.start(z0, problem.layout, o.state_dtype, o.beta, o.backend)
 
 
 def restore_states(problem: Problem, saved, steps: int):
     """The states again from what ``states.saved()`` returned after a forward of ``steps`` steps."""
     o = problem.options
     if o.exact:
-        return FixedStates.from_saved(saved, problem.compute_dtype, o.dyadic_beta, o.frac_bits, o.backend, steps)
-    return FloatStates.from_saved(saved, problem.compute_dtype, o.beta, o.backend)
+        return FixedStates.from_saved(saved, problem.layout, o.dyadic_beta, o.frac_bits, o.backend, steps)
+    return FloatStates.from_saved(saved, problem.layout, o.beta, o.backend)
 
 
 @dataclasses.dataclass
@@ -294,7 +332,8 @@ def forward(problem: Problem, info: SolverInfo, x, x_tensors, z0, declared=None,
 
     Args:
         x: what f receives; x_tensors: its tensors (for the RNG devices).
-        z0: the start (any floating dtype the state can hold), or None for zeros.
+        z0: the start (any floating dtype the state can hold; a tuple of members for a tuple state), or
+            None for zeros.
         declared: when not None, the tensors that may carry gradients into f; the first evaluation then
             runs with grad enabled so :func:`check_declared` can look at its graph.
         keep_rng: a backward will follow: record the RNG state before each evaluation of f for it to
@@ -313,7 +352,7 @@ def forward(problem: Problem, info: SolverInfo, x, x_tensors, z0, declared=None,
         with torch.enable_grad():
             fz = problem.evaluate(states.show("z"), x, FIRST_EVALUATION)
             check_declared(problem, fz, declared)
-        fz = fz.detach()
+        fz = problem.layout.detach(fz)
     history[0] = states.residual(fz)
     steps = 0
     for n in range(1, o.max_steps + 1):
@@ -360,13 +399,22 @@ class _GradSink:
                 self.sums[slot] += g
 
 
-def _vjp(out: torch.Tensor, z_in: torch.Tensor, cotangent: torch.Tensor, sink: _GradSink) -> torch.Tensor:
-    """cotangent^T df/dz at this evaluation; adds cotangent^T df/d(x, params) to ``sink``."""
-    if not out.requires_grad:  # f ignores z and everything that requires grad
-        return torch.zeros_like(z_in)
-    grads = torch.autograd.grad(out, [z_in, *sink.tensors], cotangent.to(out.dtype), allow_unused=True)
-    sink.add(grads[1:])
-    return grads[0] if grads[0] is not None else torch.zeros_like(z_in)
+def _vjp(layout: StateLayout, out, z_in, cotangent: torch.Tensor, sink: _GradSink):
+    """cotangent^T df/dz at this evaluation; adds cotangent^T df/d(x, params) to ``sink``.
+
+    ``out`` and ``z_in`` are structured like the state (a tensor, or a tuple of members: then one
+    autograd.grad over all of them); ``cotangent`` is an adjoint buffer. Returns structured like z."""
+    outs, ins = layout.split(out), layout.split(z_in)
+    cotangents = layout.split(layout.cast(cotangent, [t.dtype for t in outs]))
+    # Members f computes from nothing that requires grad have no graph and contribute nothing.
+    live = [(t, c) for t, c in zip(outs, cotangents) if t.requires_grad]
+    grads = [None] * len(ins)
+    if live:
+        found = torch.autograd.grad([t for t, _ in live], [*ins, *sink.tensors], [c for _, c in live],
+                                    allow_unused=True)
+        grads = found[:len(ins)]
+        sink.add(found[len(ins):])
+    return layout.join([torch.zeros_like(t) if g is None else g for g, t in zip(grads, ins)])
 
 
 @contextlib.contextmanager
@@ -386,17 +434,18 @@ def _buffers_restored(f):
 
 
 def backward(problem: Problem, info: SolverInfo, states: FloatStates | FixedStates, steps: int, tape: RngTape,
-             grad_z: torch.Tensor, z0, x_tensors, need_x, params, need_params, need_z0: bool):
+             grad_z, z0, x_tensors, need_x, params, need_params, need_z0):
     """The reversible backward: reconstructs the states in place and returns the exact gradients.
 
     Args:
         states: the forward's final states (consumed: they end at the reconstructed start).
-        grad_z: dL/dz, shaped like the state, in the compute dtype.
-        z0: the given start or None (zeros); x_tensors, params: the tensors f uses, each flagged by
+        grad_z: dL/dz structured like the state (a tensor, or a tuple of members), in the compute dtypes.
+        z0: the given start (structured like the state) or None (zeros); need_z0: one flag per member
+            of z0 (one for a single tensor). x_tensors, params: the tensors f uses, each flagged by
             need_x / need_params when its gradient is wanted.
 
     Returns:
-        (grad_z0 or None, [grad per x tensor or None], [grad per param or None]).
+        ([grad per z0 member or None], [grad per x tensor or None], [grad per param or None]).
 
     f receives x as detached leaves, so each vjp is a partial derivative that never runs x's own
     history (autograd does that once, with the gradient this returns). When f may close over the
@@ -419,8 +468,11 @@ def backward(problem: Problem, info: SolverInfo, states: FloatStates | FixedStat
             slots.append(len(x_tensors) + j)
     sink = _GradSink(wrt, slots, len(x_tensors) + len(params))
 
-    hz = torch.empty(problem.state_shape, dtype=o.state_dtype, device=problem.device).copy_(grad_z).mul_(beta)
+    layout = problem.layout
+    # The adjoints, one buffer each like the states: the fused ops update their members in one call.
+    hz = layout.gather(grad_z, o.state_dtype).mul_(beta)
     hy = torch.zeros_like(hz)
+    hz_members, hy_members = layout.members(hz), layout.members(hy)
     # Row n: residual(z[n-1], f(z[n-1])) and residual(hz, b) at step n; row 0 holds the drift.
     # Both are NaN-propagating, so a non-finite f, vjp or reconstruction shows up at its step.
     evidence = torch.empty(steps + 1, 4, dtype=torch.float64, device=problem.device)
@@ -435,9 +487,9 @@ def backward(problem: Problem, info: SolverInfo, states: FloatStates | FixedStat
             if n == steps and problem.check_closures:
                 check_partial(problem, fy, sink.tensors)
             states.unrelax_("z", fy)  # z[n-1]
-            a = _vjp(fy, y_in, hz, sink)
+            a = _vjp(layout, fy, y_in, hz, sink)
             del fy, y_in
-            ops.relax_(hy, a, beta, backend=o.backend)
+            ops.relax_(hy_members, a, beta, backend=o.backend)
             del a
 
             tape.replay(2 * n - 2)
@@ -445,10 +497,10 @@ def backward(problem: Problem, info: SolverInfo, states: FloatStates | FixedStat
             fz = problem.evaluate(z_in, x, where)
             states.unrelax_("y", fz)  # y[n-1]
             evidence[n, :2] = states.residual(fz)
-            b = _vjp(fz, z_in, hy, sink)
+            b = _vjp(layout, fz, z_in, hy, sink)
             del fz, z_in
-            evidence[n, 2:] = ops.residual(hz, b, backend=o.backend)
-            ops.relax_(hz, b, beta, backend=o.backend)
+            evidence[n, 2:] = ops.residual(hz_members, b, backend=o.backend)
+            ops.relax_(hz_members, b, beta, backend=o.backend)
             del b
 
     tiny = torch.finfo(scale.dtype).tiny
@@ -457,9 +509,12 @@ def backward(problem: Problem, info: SolverInfo, states: FloatStates | FixedStat
     if o.tol is not None:
         info.check()  # a tolerance allows syncs: report problems from inside backward
 
-    grad_z0 = None
-    if need_z0:
-        grad_z0 = ((1.0 - beta) * hy).add_(hz).div_(beta).to(z0.dtype)
+    grad_z0 = [None] * len(need_z0)
+    if any(need_z0):
+        grad_start = layout.split(layout.members(((1.0 - beta) * hy).add_(hz).div_(beta)))
+        # Fresh tensors, not views of one buffer: autograd may keep each as a .grad of its own.
+        grad_z0 = [g.to(t.dtype, copy=layout.is_tuple) if need else None
+                   for g, t, need in zip(grad_start, layout.split(z0), need_z0)]
     targets = [*x_tensors, *params]
     grads = [None if g is None else g.to(t.dtype) for g, t in zip(sink.sums, targets)]
     return grad_z0, grads[:len(x_tensors)], grads[len(x_tensors):]

@@ -64,8 +64,11 @@ BAD_INPUTS = [
     ("z0 wrong shape, f broadcasts", lambda: rfp(_identity_shape, x, z0=torch.zeros(1, 6, dtype=torch.float64)),
      ValueError, r"f \(forward pass, evaluating f\(z0\)\) returned shape \(3, 6\) but the state \(z0\) has shape "
      r"\(1, 6\)\.$"),
-    ("z0 a list", lambda: rfp(_identity_shape, x, z0=[0.0] * 6), TypeError,
-     r"reversible_fixed_point: z0 must be a torch.Tensor or None, got list"),
+    ("z0 a list of floats", lambda: rfp(_identity_shape, x, z0=[0.0] * 6), TypeError,
+     r"reversible_fixed_point: z0\[0\] must be a torch.Tensor, got float"),
+    ("z0 a dict", lambda: rfp(_identity_shape, x, z0={"z": x}), TypeError,
+     r"reversible_fixed_point: z0 must be a torch.Tensor, a tuple or list of tensors \(a tuple state\) or None, "
+     r"got dict"),
     ("z0 integer", lambda: rfp(_identity_shape, x, z0=torch.zeros(3, 6, dtype=torch.int64)), TypeError,
      r"z0 must have dtype float64, float32, float16 or bfloat16, got torch.int64"),
     ("state_dtype half", lambda: rfp(_identity_shape, x, state_dtype=torch.float16), TypeError,
