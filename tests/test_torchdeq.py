@@ -316,9 +316,6 @@ def test_per_call_arguments_without_meaning_are_refused_or_warned():
         deq(func, z0, solver_kwargs={"return_final": False})
     with pytest.warns(TorchDEQOptionWarning, match=r"keyword arguments \['writer'\] have no effect"):
         deq(func, z0, writer=None)
-    with pytest.raises(TypeError, match=r"RevDEQCore: z_init is a tuple of 2 tensors; tuple/list states .* not "
-                                        r"supported yet"):
-        deq(lambda a, b: (a, b), (z0, z0))
     with pytest.raises(TypeError, match=r"RevDEQCore: z_init must be a floating tensor, got dtype torch.int64"):
         deq(func, torch.zeros(3, 6, dtype=torch.int64))
     with pytest.raises(TypeError, match=r"RevDEQCore: func must be callable"):

@@ -9,6 +9,10 @@ so switching an existing model is one line of config::
     deq = get_deq(core="revdeq", f_max_iter=24, f_tol=1e-4, beta=0.5)
     z_out, info = deq(func, z_init)              # z_out: [z], info: a torchdeq SolverStat
 
+Multiscale (MDEQ-style) models keep their state as a list and pass it as torchdeq does,
+``deq(func, [z1, z2])`` with ``func(z1, z2)`` returning both: ``z_out[-1]`` is then the list of members,
+all of them updated by one fused op call per step.
+
 The returned state carries the exact gradient of the reversible iteration (equal to autograd through
 the unrolled steps) at activation memory that does not grow with the number of steps. The tensors
 ``func`` reads are found by evaluating it once (:mod:`~revdeq_kernels.integrations.closures`): every
@@ -68,6 +72,7 @@ import torch
 from torchdeq.core import DEQBase, register_deq
 from torchdeq.solver.stat import SolverStat
 from torchdeq.utils.config import DEQConfig
+from torchdeq.utils.layer_utils import MDEQWrapper
 
 from ..autograd import solve
 from ..solver import SolverOptions
@@ -186,8 +191,10 @@ class RevDEQStat(SolverStat):
         self.solver_info = solver_info
 
     @classmethod
-    def from_solve(cls, solver_info, z: torch.Tensor) -> "RevDEQStat":
-        """The statistics of a finished solve, computed on the device (no host synchronisation)."""
+    def from_solve(cls, solver_info, z) -> "RevDEQStat":
+        """The statistics of a finished solve, computed on the device (no host synchronisation). ``z``: the
+        returned state, or its list of tensors (the batch size is read from the first)."""
+        z = z[0] if isinstance(z, (tuple, list)) else z
         batch = z.shape[0] if z.dim() >= 2 else z.numel()
         history = solver_info.residual_history()
         d2, f2 = history[:, 0], history[:, 1]
@@ -199,18 +206,20 @@ class RevDEQStat(SolverStat):
                    solver_info=solver_info)
 
 
-def _state(z_init):
-    """The solver's start from torchdeq's ``z_init`` (the one place that will learn tuple states)."""
+def _state(z_init) -> list:
+    """torchdeq's ``z_init`` as a list of its tensors: one, or the members of a list/tuple state (MDEQ)."""
     if isinstance(z_init, (tuple, list)):
-        raise TypeError(
-            f"{CALLER}: z_init is a {type(z_init).__name__} of {len(z_init)} tensors; tuple/list states (multiscale "
-            "DEQs) are not supported yet by the revdeq core. Pass one tensor (e.g. the states flattened and "
-            "concatenated), or keep torchdeq's core='sliced'/'indexing' for this model")
-    if not isinstance(z_init, torch.Tensor):
-        raise TypeError(f"{CALLER}: z_init must be a torch.Tensor, got {type(z_init).__name__}")
-    if not z_init.dtype.is_floating_point:
-        raise TypeError(f"{CALLER}: z_init must be a floating tensor, got dtype {z_init.dtype}")
-    return z_init
+        if not z_init:
+            raise ValueError(f"{CALLER}: z_init is an empty {type(z_init).__name__}; pass at least one tensor")
+        members, names = list(z_init), [f"z_init[{i}]" for i in range(len(z_init))]
+    else:
+        members, names = [z_init], ["z_init"]
+    for name, t in zip(names, members):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{CALLER}: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if not t.dtype.is_floating_point:
+            raise TypeError(f"{CALLER}: {name} must be a floating tensor, got dtype {t.dtype}")
+    return members
 
 
 class RevDEQCore(DEQBase):
@@ -226,15 +235,19 @@ class RevDEQCore(DEQBase):
 
     ``forward(func, z_init, solver_kwargs=None, sradius_mode=False, backward_writer=None, params=None)``:
 
-    - ``func(z)`` returns a tensor shaped and typed like ``z``. It is evaluated once more than the solver
+    - ``func(z)`` returns a tensor shaped and typed like ``z``; with a list state (torchdeq's multiscale,
+      MDEQ-style ``deq(func, [z1, z2])``) it is called as ``func(z1, z2)`` and returns as many tensors,
+      each shaped and typed like its member, as torchdeq's cores do. It is evaluated once more than the solver
       needs, under ``torch.no_grad()``, to find the tensors requiring grad it reads (see
       :func:`~revdeq_kernels.integrations.closures.find_closure_tensors`); it must read the same ones at every
       call. ``params``: tensors to differentiate besides those found (one ``func`` reads only on some calls).
-    - ``z_init``: the start, one floating tensor of any shape (tuple states are refused for now); the state
-      is held in ``state_dtype`` and ``func`` sees a cast to ``z_init``'s dtype. It gets a gradient when it
-      requires grad.
-    - Returns ``([z], info)``: ``z`` shaped and typed like ``z_init``, differentiable when grad mode is on
-      (in ``eval()`` mode too), and a :class:`RevDEQStat`.
+    - ``z_init``: the start, one floating tensor of any shape, or a list (or tuple) of them: a tuple state
+      that the fused ops update in one call per step for all members (see
+      :func:`~revdeq_kernels.reversible_fixed_point`). The state is held in ``state_dtype`` and ``func`` sees
+      a cast to each member's dtype. Each tensor gets a gradient when it requires grad.
+    - Returns ``([z], info)``: ``z`` shaped and typed like ``z_init`` (for a list state, a list of tensors,
+      so ``z_out[-1][i]`` is member ``i`` as with torchdeq's cores), differentiable when grad mode is on
+      (in ``eval()`` mode too), and a :class:`RevDEQStat` (residuals over all members together).
 
     Gradients: ``loss.backward()`` reaches every tensor ``func`` reads and everything those were computed
     from. ``torch.autograd.grad(loss, inputs)`` works for the same tensors: ``inputs`` must be among those
@@ -295,20 +308,25 @@ class RevDEQCore(DEQBase):
                           stacklevel=2)
         if not callable(func):
             raise TypeError(f"{CALLER}: func must be callable as func(z), got {type(func).__name__}")
-        z0 = _state(z_init)
+        members = _state(z_init)
+        multi = isinstance(z_init, (tuple, list))
         options = self._options(self._budget(solver_kwargs))
 
-        found = find_closure_tensors(func, z0.detach()) if torch.is_grad_enabled() else None
-        cell = _ClosureCell(func, found)
+        found = (find_closure_tensors(func, *(m.detach() for m in members)) if torch.is_grad_enabled()
+                 else None)
+        cell = _ClosureCell(func, found, multi)
         explicit = [] if params is None else list(params)
+        z0 = list(members) if multi else members[0]  # a list state comes back as a list, as from torchdeq
         z, solver_info = solve(cell, tuple(cell.inputs), z0=z0, params=[*cell.params, *explicit], options=options,
                                caller=CALLER)
+        first = z[0] if multi else z
         info = RevDEQStat.from_solve(solver_info, z)
-        if backward_writer is not None and z.grad_fn is not None:
-            z.grad_fn.register_hook(lambda grad_inputs, grad_outputs: backward_writer(_backward_stat(solver_info)))
+        if backward_writer is not None and first.grad_fn is not None:  # one node: the members share it
+            first.grad_fn.register_hook(
+                lambda grad_inputs, grad_outputs: backward_writer(_backward_stat(solver_info)))
         if not self.training:
-            info["sradius"] = (self._sradius(func, z.detach()) if sradius_mode
-                               else torch.zeros(1, device=z.device))
+            info["sradius"] = (self._sradius(*_flat_func(func, z, multi)) if sradius_mode
+                               else torch.zeros(1, device=first.device))
         return [z], info
 
 
@@ -319,9 +337,10 @@ class _ClosureCell(torch.nn.Module):
     copied, so the solver puts them back after its backward's re-evaluations as it does for a module ``f``.
     """
 
-    def __init__(self, func, found):
+    def __init__(self, func, found, multi=False):
         super().__init__()
         self.func = func
+        self.multi = multi  # a list state: func takes the members as arguments, torchdeq's MDEQ convention
         self.params = found.params if found else []
         self.inputs = found.inputs if found else []
         self.entangled = found.entangled if found else False
@@ -331,10 +350,20 @@ class _ClosureCell(torch.nn.Module):
     def forward(self, z, xs):
         # In the backward the solver passes detached stand-ins for the inputs; when their histories are
         # entangled, func must read those so each vector-Jacobian product stays a partial derivative.
+        args = z if self.multi else (z,)
         if self.entangled and any(a is not b for a, b in zip(xs, self.inputs)):
             with substituted(self.inputs, xs):
-                return self.func(z)
-        return self.func(z)
+                return self.func(*args)
+        return self.func(*args)
+
+
+def _flat_func(func, z, multi):
+    """``(func, z)`` as torchdeq's spectral radius estimate takes them: one tensor in, one out (a list state
+    flattened per sample with torchdeq's own wrapper), ``z`` detached."""
+    if not multi:
+        return func, z.detach()
+    wrapper = MDEQWrapper(func, z)
+    return wrapper, wrapper.list2vec([m.detach() for m in z])
 
 
 def _backward_stat(solver_info) -> SolverStat:
