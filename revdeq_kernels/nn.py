@@ -80,6 +80,10 @@ class RevDEQ(torch.nn.Module):
         self.info = None
 
     def forward(self, x, z0=None):
+        if isinstance(z0, (tuple, list)) and (self.jac_samples or self.radius_iters):
+            raise TypeError(f"RevDEQ: jac_reg and spectral_radius measure df/dz of a single-tensor state, but z0 is a "
+                            f"{type(z0).__name__} of {len(z0)} tensors (a tuple state); turn them off for this model, "
+                            "or write f on one flat tensor")
         z, info = solve(self.f, x, z0=z0, options=self.options, caller="RevDEQ")
         jac_samples = self.jac_samples if self.training else 0
         penalty = hessenberg = None

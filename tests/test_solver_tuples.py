@@ -304,6 +304,14 @@ def test_revdeq_module_with_a_tuple_state():
     assert deq.info["drift"] < 1e-10
 
 
+@pytest.mark.parametrize("option", ["jac_reg", "spectral_radius"])
+def test_revdeq_jacobian_diagnostics_refuse_a_tuple_state(option):
+    deq = rk.RevDEQ(TwoScaleCell(), **{option: True})
+    with pytest.raises(TypeError, match=r"RevDEQ: jac_reg and spectral_radius measure df/dz of a single-tensor "
+                                        r"state, but z0 is a tuple of 2 tensors"):
+        deq(randn(B, *FINE), z0=_z0)
+
+
 class _Flat(torch.nn.Module):
     """The two-member cell on one flat state: the members concatenated (the reference for exact mode)."""
 
