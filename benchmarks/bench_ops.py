@@ -1,0 +1,416 @@
+"""Benchmark of relax_, unrelax_ and residual: every backend against what a user would write instead.
+
+For each op, dtype configuration and size, it times:
+
+- each revdeq_kernels backend that can run on the device (``cuda``, ``triton``, ``cpp``, ``reference``);
+- ``naive``: the plain PyTorch expression, ``(1-b)*y + b*f``, ``(z - b*f)/(1-b)``, or the two norm
+  calls ``(z - f).norm(), f.norm()``, which allocate their result and temporaries each call (on CPU,
+  buffers over 32 MB come fresh from the OS each time, so large sizes also pay page faults);
+- ``inplace`` (relax_, unrelax_): the same math in two in-place PyTorch passes without allocation,
+  ``y.mul_(1-b).add_(f, alpha=b)`` and ``z.sub_(f, alpha=b).div_(1-b)``;
+- ``lerp_`` (relax_ only): ``y.lerp_(f, b)``, the in-place PyTorch op that computes the same thing
+  (with mixed dtypes, f is converted to the state's dtype first, as lerp_ requires);
+- ``compile``: ``torch.compile`` of the naive expression (dynamic shapes, compiled once per dtype);
+- ``copy``: a device-to-device copy of the same number of bytes, the bandwidth ceiling.
+
+Bytes moved count each input read once and each output written once (``relax_`` on n float32
+elements: 4n + 4n read, 4n written), the same for every implementation, so GB/s is the effective
+bandwidth of the op. On CPU, in-place ops can beat a copy of the same bytes: a copy's stores first
+read the destination line into cache (write-allocate), in-place stores do not. Every implementation's
+result is checked against float64 math before it is timed; the normalized error is recorded as
+``max_error``.
+
+Run: ``python -m benchmarks ops [--quick] [--sizes 2^16:2^24] [--device cuda]``.
+"""
+
+import argparse
+import os
+import time
+
+import torch
+
+import revdeq_kernels as rk
+
+from . import common
+
+NAME = "ops"
+SCHEMA = "revdeq-bench-ops/1"
+OPS = ("relax_", "unrelax_", "residual")
+BETA = 0.8  # a typical RevDEQ relaxation; unrelax_ then amplifies by 1/(1-BETA) = 5 per call
+# label -> (state/z dtype, f_val/fz dtype). "mixed" is the RevDEQ case of a float32 state updated with
+# the output of a bfloat16 layer.
+DTYPES = {
+    "float32": (torch.float32, torch.float32),
+    "bfloat16": (torch.bfloat16, torch.bfloat16),
+    "mixed": (torch.float32, torch.bfloat16),
+}
+FULL_SIZES = {"cpu": "2^16:2^24", "cuda": "2^16:2^28"}
+QUICK_SIZES = {"cpu": "2^16,2^19,2^22", "cuda": "2^20,2^24,2^26"}
+# Timing budget per measurement: (min_time seconds, min_samples).
+TIMING = {("cpu", False): (0.4, 7), ("cpu", True): (0.05, 3), ("cuda", False): (0.05, 15), ("cuda", True): (0.02, 10)}
+BASELINES = ("naive", "inplace", "lerp_", "compile")
+# Why Triton is not timed on CPU tensors.
+TRITON_ON_CPU = ("Triton runs on CPU only under TRITON_INTERPRET=1, a Python interpreter for tests that is "
+                 "orders of magnitude slower than any kernel; timing it would say nothing")
+
+
+# ---------------------------------------------------------------------------------------------
+# what is timed
+
+
+def naive_relax(y, f):
+    return (1 - BETA) * y + BETA * f
+
+
+def naive_unrelax(z, f):
+    return (z - BETA * f) / (1 - BETA)
+
+
+def naive_residual(z, f):
+    return (z - f).norm(), f.norm()
+
+
+NAIVE = {"relax_": naive_relax, "unrelax_": naive_unrelax, "residual": naive_residual}
+
+
+def inplace_relax(y, f):
+    return y.mul_(1 - BETA).add_(f, alpha=BETA)
+
+
+def inplace_unrelax(z, f):
+    return z.sub_(f, alpha=BETA).div_(1 - BETA)
+
+
+INPLACE = {"relax_": inplace_relax, "unrelax_": inplace_unrelax}
+
+
+def _backend_impl(op, backend):
+    fn = getattr(rk, op)
+    if op == "residual":
+        return lambda z, f: fn(z, f, backend=backend)
+    return lambda s, f: fn(s, f, BETA, backend=backend)
+
+
+def _lerp(state, f):
+    return state.lerp_(f if f.dtype == state.dtype else f.to(state.dtype), BETA)
+
+
+def bytes_moved(op: str, n: int, state_dtype: torch.dtype, f_dtype: torch.dtype) -> int:
+    """Each input read once, each output written once.
+
+    Example:
+        >>> bytes_moved("relax_", 1024, torch.float32, torch.bfloat16)  # read 4+2, write 4 per element
+        10240
+    """
+    s, f = state_dtype.itemsize, f_dtype.itemsize
+    if op == "residual":
+        out = 8 if state_dtype == torch.float64 else 4
+        return n * (s + f) + 2 * out
+    return n * (2 * s + f)
+
+
+def expected(op, state, f):
+    """float64 truth for one call on (state, f)."""
+    s, fv = state.double(), f.double()
+    if op == "relax_":
+        return (1 - BETA) * s + BETA * fv
+    if op == "unrelax_":
+        return (s - BETA * fv) / (1 - BETA)
+    d = s - fv
+    return torch.stack([(d * d).sum(), (fv * fv).sum()])
+
+
+def normalized_error(op, got, want) -> float:
+    """max |got - want| / max |want|: a scale-free error that is ~eps for a correct op."""
+    if isinstance(got, tuple):  # the naive residual returns the two norms
+        got = torch.stack([got[0].double() ** 2, got[1].double() ** 2])
+    got = got.double()
+    return ((got - want).abs().max() / want.abs().max()).item()
+
+
+def error_bound(op, kind, state_dtype, f_dtype) -> float:
+    """What a correct implementation of this kind stays below, in units of normalized_error.
+
+    Our backends compute in float32 (float64 for float64 states) and round once to the state's dtype,
+    so a few units of the state's rounding. The PyTorch baselines round intermediates to the least
+    precise input dtype (``b * f`` with f bfloat16 is bfloat16), so a few units of f's rounding.
+    unrelax_ amplifies everything by 1/(1-BETA). PyTorch's norm accumulates float32 without
+    compensation, so its error grows with n (about 1e-3 at 2^24): its bound is a flat 1e-2.
+    """
+    if kind != "backend" and op == "residual":
+        return 1e-2
+    dtype = state_dtype if kind == "backend" else f_dtype
+    amplification = 1 / abs(1 - BETA) if op == "unrelax_" else 1.0
+    return 16 * torch.finfo(dtype).eps * amplification
+
+
+class Case:
+    """The buffers for one (op, dtype, size): ``n_sets`` rotating copies of one random (state, f) pair."""
+
+    def __init__(self, op, dtype_label, n, device, cache_bytes, seed=0):
+        self.op, self.dtype_label, self.n, self.device = op, dtype_label, n, device
+        self.state_dtype, self.f_dtype = DTYPES[dtype_label]
+        self.bytes = bytes_moved(op, n, self.state_dtype, self.f_dtype)
+        g = torch.Generator(device=device).manual_seed(seed)
+        # N(0, 1) values, never zeros: drawn once, then copied into every set.
+        self.state0 = torch.randn(n, generator=g, device=device).to(self.state_dtype)
+        self.f0 = torch.randn(n, generator=g, device=device).to(self.f_dtype)
+        self.set_bytes = n * (self.state_dtype.itemsize + self.f_dtype.itemsize)
+        self.n_sets = common.rotation_count(self.set_bytes, cache_bytes)
+        self.states = [self.state0.clone() for _ in range(self.n_sets)]
+        self.fs = [self.f0.clone() for _ in range(self.n_sets)]
+        self.want = expected(op, self.state0, self.f0)
+
+    def restore(self):
+        for s in self.states:
+            s.copy_(self.state0)
+
+    def check(self, fn) -> float:
+        """Runs fn once on a fresh copy and returns its normalized error against float64 math."""
+        state = self.state0.clone()
+        got = fn(state, self.f0.clone())
+        return normalized_error(self.op, got, self.want)
+
+    def free(self):
+        self.states = self.fs = self.state0 = self.f0 = self.want = None
+
+
+def implementations(op, device, args):
+    """[(name, kind, fn or None, reason if skipped)] for this op on this device."""
+    found = []
+    report = rk.available_backends()
+    for backend in ("cuda", "triton", "cpp", "reference"):
+        if backend == "triton" and device.type == "cpu":
+            found.append((backend, "backend", None, TRITON_ON_CPU))
+        elif backend in report[device.type]:
+            found.append((backend, "backend", _backend_impl(op, backend), None))
+        else:
+            reason = report["unavailable"].get(f"{backend} ({device.type})")
+            if reason is not None:  # None: the backend never serves this device type; nothing to say
+                found.append((backend, "backend", None, reason))
+    found.append(("naive", "naive", NAIVE[op], None))
+    if op in INPLACE:
+        found.append(("inplace", "inplace", INPLACE[op], None))
+    if op == "relax_":
+        found.append(("lerp_", "lerp_", _lerp, None))
+    if args.no_compile:
+        found.append(("compile", "compile", None, "--no-compile was given"))
+    else:
+        found.append(("compile", "compile", "compile", None))  # compiled lazily, once per dtype
+    return [entry for entry in found if args.impls is None or entry[0] in args.impls]
+
+
+# ---------------------------------------------------------------------------------------------
+# the run
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--sizes", type=common.parse_sizes, default=None,
+                        help="element counts, e.g. '2^16:2^24' or '65536,2^20' (default: 2^16..2^24 on CPU, "
+                             "2^16..2^28 on GPU; --quick: three sizes)")
+    parser.add_argument("--ops", type=_choices("--ops", OPS), default=list(OPS),
+                        help=f"comma-separated subset of {','.join(OPS)}")
+    parser.add_argument("--dtypes", type=_choices("--dtypes", DTYPES), default=list(DTYPES),
+                        help=f"comma-separated subset of {','.join(DTYPES)}")
+    parser.add_argument("--impls", type=_choices("--impls", ("cuda", "triton", "cpp", "reference", *BASELINES)),
+                        default=None, help="only these implementations (default: all)")
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
+    parser.add_argument("--compile-backend", default="inductor",
+                        help="torch.compile backend for the compile baseline (default: inductor)")
+    parser.add_argument("--min-time", type=float, default=None,
+                        help="seconds of timed work per measurement (default: 0.4 CPU, 0.05 GPU; less with --quick)")
+
+
+def _choices(flag, allowed):
+    def parse(text):
+        chosen = [x.strip() for x in text.split(",") if x.strip()]
+        bad = [x for x in chosen if x not in allowed]
+        if bad or not chosen:
+            raise argparse.ArgumentTypeError(f"{flag}: expected a comma-separated subset of {', '.join(allowed)}; "
+                                             f"got {text!r}")
+        return chosen
+
+    return parse
+
+
+def default_path(device: torch.device, quick: bool, out_dir: str | None) -> str:
+    name = device_slug(device)
+    return os.path.join(out_dir or common.RESULTS_DIR, f"ops-{name}{'-quick' if quick else ''}.json")
+
+
+def device_slug(device: torch.device) -> str:
+    return f"cpu-{common.slug(common.cpu_model())}" if device.type == "cpu" else common.slug(common.device_name(device))
+
+
+def run(args) -> str:
+    """Runs the benchmark described by parsed ``args``; writes the JSON (and plots); returns its path."""
+    device = common.resolve_device(args.device)
+    sizes = args.sizes or common.parse_sizes((QUICK_SIZES if args.quick else FULL_SIZES)[device.type])
+    min_time, min_samples = TIMING[(device.type, bool(args.quick))]
+    timing = {"min_time": args.min_time if args.min_time is not None else min_time, "min_samples": min_samples}
+    cache_bytes = common.last_level_cache_bytes(device)
+    env = common.environment(device)
+    common.say(f"ops benchmark on {env['device_name']} ({device.type}, {env['torch_threads']} threads), "
+               f"sizes {', '.join(common.size_label(n) for n in sizes)}")
+
+    plans = {op: implementations(op, device, args) for op in args.ops}
+    total = len(sizes) * sum(len(args.dtypes) * sum(fn is not None for _, _, fn, _ in plans[op]) for op in args.ops)
+    progress = common.Progress(total, "ops")
+    results, skipped, copies = [], [], {}
+    compiled, compile_failed = {}, {}
+
+    for op in args.ops:
+        for name, kind, fn, reason in plans[op]:
+            if fn is None:
+                skipped.append({"op": op, "impl": name, "kind": kind, "reason": reason})
+    try:
+        for n in sizes:
+            for op in args.ops:
+                for dtype_label in args.dtypes:
+                    case = Case(op, dtype_label, n, device, cache_bytes)
+                    if case.bytes not in copies:
+                        copies[case.bytes] = common.copy_bandwidth(case.bytes, device, cache_bytes, **timing)
+                    copy = copies[case.bytes]
+                    rows = []
+                    for name, kind, fn, _ in plans[op]:
+                        if fn is None:
+                            continue
+                        progress.step(f"{op} {dtype_label} {common.size_label(n)} {name}")
+                        if fn == "compile":
+                            key = (op, dtype_label)
+                            if key in compile_failed:
+                                continue
+                            if key not in compiled:
+                                fn, error = _compile(op, case, args.compile_backend)
+                                if fn is None:
+                                    compile_failed[key] = error
+                                    skipped.append({"op": op, "impl": name, "kind": kind, "dtype": dtype_label,
+                                                    "reason": error})
+                                    continue
+                                compiled[key] = fn
+                            fn = compiled[key]
+                        rows.append(_measure(case, name, kind, fn, copy, timing))
+                    _add_ratios(rows)
+                    results += rows
+                    case.free()
+    finally:
+        progress.close()
+
+    payload = {
+        "schema": SCHEMA,
+        "benchmark": NAME,
+        "env": env,
+        "config": {
+            "quick": bool(args.quick), "sizes": sizes, "ops": args.ops, "dtypes": {k: [str(DTYPES[k][0])[6:],
+                                                                                     str(DTYPES[k][1])[6:]]
+                                                                                 for k in args.dtypes},
+            "beta": BETA, "compile_backend": None if args.no_compile else args.compile_backend,
+            "cache_multiple": common.CACHE_MULTIPLE, **timing,
+            "bytes_rule": "each input read once, each output written once",
+        },
+        "copy": [{"bytes": b, **c} for b, c in sorted(copies.items())],
+        "results": results,
+        "skipped": skipped,
+    }
+    path = args.output or default_path(device, args.quick, args.out)
+    common.write_json(payload, path)
+    print(format_table(payload))
+    common.say(f"wrote {path}")
+    if not args.no_plots:
+        from . import plots
+
+        for png in plots.plot(payload, path):
+            common.say(f"wrote {png}")
+    return path
+
+
+def _compile(op, case, backend):
+    """(compiled naive fn, None) or (None, why it failed); compiles by running it once."""
+    # dynamic=True: one compilation per (op, dtype) serves every size, so the three dtypes stay well under
+    # dynamo's recompile limit for the one naive function they share.
+    fn = torch.compile(NAIVE[op], dynamic=True, backend=backend)
+    start = time.perf_counter()
+    try:
+        fn(case.state0.clone(), case.f0.clone())
+    except Exception as exc:  # no C++ compiler, an unsupported backend, ...: report it, keep going
+        first_line = (str(exc).strip().splitlines() or [""])[0][:300]
+        return None, f"torch.compile(backend={backend!r}) failed: {type(exc).__name__}: {first_line}"
+    common.say(f"compiled naive {op} for {case.dtype_label} in {time.perf_counter() - start:.1f} s")
+    return fn, None
+
+
+def _measure(case, name, kind, fn, copy, timing):
+    error = case.check(fn)
+    bound = error_bound(case.op, kind, case.state_dtype, case.f_dtype)
+    if not error <= bound:
+        common.say(f"WARNING: {name} {case.op} {case.dtype_label} n={case.n} is off by {error:.2e} "
+                   f"(bound {bound:.1e}); timing it anyway, flagged incorrect")
+    mutates = kind in ("backend", "inplace", "lerp_") and case.op != "residual"
+    states, fs = case.states, case.fs
+    stats = common.time_calls(lambda i: fn(states[i], fs[i]), case.n_sets, case.device,
+                              restore=case.restore if mutates else None, **timing)
+    seconds = stats["median_s"]
+    return {
+        "op": case.op, "dtype": case.dtype_label, "state_dtype": str(case.state_dtype)[6:],
+        "f_dtype": str(case.f_dtype)[6:], "n": case.n, "impl": name, "kind": kind,
+        "bytes": case.bytes, **stats,
+        "gbps": case.bytes / seconds / 1e9,
+        "copy_gbps": copy["gbps"],
+        "pct_of_copy": 100.0 * (case.bytes / seconds / 1e9) / copy["gbps"],
+        "max_error": error, "error_bound": bound, "correct": bool(error <= bound),
+        "n_sets": case.n_sets, "rotated_bytes": case.n_sets * case.set_bytes,
+    }
+
+
+def _add_ratios(rows):
+    """speedup_vs_X = time of X / time of this row, for every baseline measured alongside."""
+    times = {r["impl"]: r["median_s"] for r in rows}
+    for row in rows:
+        for base in BASELINES:
+            if base in times:
+                row[f"speedup_vs_{base}"] = times[base] / row["median_s"]
+
+
+# ---------------------------------------------------------------------------------------------
+# the console table
+
+
+def format_table(payload: dict) -> str:
+    """A fixed-width table of every result, grouped by op, dtype and size."""
+    env = payload["env"]
+    lines = [f"ops on {env['device_name']} ({env['device_type']}, {env['torch_threads']} threads), torch "
+             f"{env['torch']}, commit {env['commit'][:10]}{' (dirty)' if env.get('commit_dirty') else ''}"]
+    header = (f"{'op':<9}{'dtype':<9}{'n':>6}  {'impl':<10}{'median':>11}{'p20-p80':>19}{'MB':>9}{'GB/s':>8}"
+              f"{'%copy':>7}{'x naive':>9}{'error':>9}  note")
+    lines += [header, "-" * len(header)]
+    previous = None
+    for r in payload["results"]:
+        group = (r["op"], r["dtype"], r["n"])
+        if previous is not None and group != previous:
+            lines.append("")
+        previous = group
+        vs = r.get("speedup_vs_naive")
+        note = "" if r["correct"] else f"INCORRECT (bound {r['error_bound']:.0e})"
+        lines.append(
+            f"{r['op']:<9}{r['dtype']:<9}{common.size_label(r['n']):>6}  {r['impl']:<10}"
+            f"{format_seconds(r['median_s']):>11}{format_seconds(r['p20_s']) + '-' + format_seconds(r['p80_s']):>19}"
+            f"{r['bytes'] / 1e6:>9.2f}{r['gbps']:>8.1f}{r['pct_of_copy']:>6.0f}%"
+            f"{(f'{vs:.2f}x' if vs is not None else '-'):>9}{r['max_error']:>9.0e}  {note}".rstrip())
+    if payload["copy"]:
+        lines.append("")
+        lines.append("copy ceiling (same bytes, same run): " + ", ".join(
+            f"{c['bytes'] / 1e6:.3g} MB {c['gbps']:.1f} GB/s" for c in payload["copy"]))
+    where = {}  # (impl, reason) -> the ops (and dtypes) it was skipped for
+    for s in payload["skipped"]:
+        where.setdefault((s["impl"], s["reason"]), []).append(f"{s['op']} {s.get('dtype', '')}".strip())
+    for (impl, reason), cases in where.items():
+        lines.append(f"skipped {impl} ({', '.join(cases)}): {reason}")
+    return "\n".join(lines)
+
+
+def format_seconds(s: float) -> str:
+    if s >= 1:
+        return f"{s:.3f} s"
+    if s >= 1e-3:
+        return f"{s * 1e3:.3f} ms"
+    return f"{s * 1e6:.1f} us"

@@ -1,0 +1,369 @@
+"""Helpers every benchmark shares: timing, cache-defeating rotation, copy bandwidth, the environment
+stamp, JSON files and a progress bar.
+
+Timing protocol (both devices): the work is spread over ``n_sets`` buffer sets whose total size is
+several times the last-level cache, so each timed call finds its inputs in DRAM/HBM, not in cache.
+One *sample* runs the call once on every set and is divided by ``n_sets``; before each sample an
+optional ``restore`` puts fresh values back (untimed), so an in-place op never runs on values it
+has already blown up (unrelax_ multiplies by 1/(1-beta) per call). Reported: the median sample and
+the 20th/80th percentiles.
+
+- CPU: each sample is ``torch.utils.benchmark.Timer.timeit(n_sets)`` (it also warms up, disables
+  the garbage collector and pins the thread count).
+- CUDA: each sample is a CUDA-event pair around the ``n_sets`` calls, queued behind a short
+  ``torch.cuda._sleep`` so the host finishes launching before the GPU starts: the time is device
+  time, not Python launch overhead (as with ``triton.testing.do_bench``).
+"""
+
+import datetime
+import functools
+import json
+import math
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FALLBACK_CACHE_BYTES = 64 << 20
+# Rotate over buffers totalling at least this many times the last-level cache: by the time a set
+# comes round again, everything touched since has evicted it.
+CACHE_MULTIPLE = 3
+# ...but never more sets than this: below ~2^14 elements per set a call costs mostly Python dispatch,
+# and thousands of sets would only make the run slow (results record how many bytes rotated).
+MAX_SETS = 512
+
+
+# ---------------------------------------------------------------------------------------------
+# sizes and names
+
+
+def parse_sizes(text: str) -> list:
+    """Element counts from ``"65536,2^20,1<<22"`` or a power-of-two range ``"2^16:2^24"``.
+
+    Example:
+        >>> parse_sizes("2^16:2^18,1000")
+        [65536, 131072, 262144, 1000]
+    """
+    sizes = []
+    for item in (part.strip() for part in text.split(",")):
+        if not item:
+            continue
+        if ":" in item:
+            lo, hi = (_parse_size(x) for x in item.split(":", 1))
+            if lo & (lo - 1) or hi & (hi - 1) or lo > hi:
+                raise ValueError(f"--sizes: a range must run between powers of two, low to high; got {item!r}")
+            sizes += [1 << k for k in range(lo.bit_length() - 1, hi.bit_length())]
+        else:
+            sizes.append(_parse_size(item))
+    if not sizes:
+        raise ValueError(f"--sizes: expected a comma-separated list of element counts, got {text!r}")
+    return sizes
+
+
+def _parse_size(item: str) -> int:
+    m = re.fullmatch(r"(\d+)\s*(?:(\^|\*\*|<<)\s*(\d+))?", item.strip())
+    if not m:
+        raise ValueError(f"--sizes: {item!r} is not an element count (examples: 65536, 2^16, 1<<16)")
+    base, op, exp = m.groups()
+    value = int(base) if op is None else (int(base) << int(exp) if op == "<<" else int(base) ** int(exp))
+    if value < 1:
+        raise ValueError(f"--sizes: element counts must be positive, got {item!r}")
+    return value
+
+
+def size_label(n: int) -> str:
+    """``2^20`` for powers of two, the plain count otherwise."""
+    return f"2^{n.bit_length() - 1}" if n > 0 and n & (n - 1) == 0 else str(n)
+
+
+def slug(text: str) -> str:
+    """A file-name-safe, lower-case version of a device name: ``NVIDIA H100 80GB HBM3`` -> ``nvidia-h100-80gb-hbm3``."""
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "unknown"
+
+
+def resolve_device(requested: str | None) -> torch.device:
+    """``cuda`` when a GPU is visible and nothing was asked for, else what was asked for (checked)."""
+    if requested is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(requested)
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device: expected cpu or cuda, got {requested!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device: {requested!r} was asked for but torch sees no CUDA device "
+                         f"(torch {torch.__version__}, built with CUDA {torch.version.cuda})")
+    return device
+
+
+# ---------------------------------------------------------------------------------------------
+# the machine
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown cpu"
+
+
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model()
+
+
+def last_level_cache_bytes(device: torch.device) -> int:
+    """The L2 of a GPU, the largest cache of CPU 0; a generous fallback when it cannot be read."""
+    if device.type == "cuda":
+        return int(getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0)) or FALLBACK_CACHE_BYTES
+    sizes = []
+    base = "/sys/devices/system/cpu/cpu0/cache"
+    try:
+        for entry in os.listdir(base):
+            with open(os.path.join(base, entry, "size")) as fh:
+                text = fh.read().strip().upper()
+            m = re.fullmatch(r"(\d+)([KMG]?)", text)
+            if m:
+                sizes.append(int(m.group(1)) << {"": 0, "K": 10, "M": 20, "G": 30}[m.group(2)])
+    except OSError:
+        pass
+    return max(sizes) if sizes else FALLBACK_CACHE_BYTES
+
+
+def _git(*args) -> str | None:
+    try:
+        out = subprocess.run(["git", "-C", REPO_ROOT, *args], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def _package_version(name: str) -> str | None:
+    from importlib import metadata
+
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def environment(device: torch.device) -> dict:
+    """Everything a reader needs to judge a result file: code, versions, machine, load."""
+    import revdeq_kernels as rk
+
+    env = {
+        "commit": _git("rev-parse", "HEAD") or "unknown",
+        "commit_dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
+        "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "triton": _package_version("triton"),
+        "cuda_runtime": torch.version.cuda,
+        "revdeq_kernels": rk.__version__,
+        "device_type": device.type,
+        "device_name": device_name(device),
+        "cpu_model": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "last_level_cache_bytes": last_level_cache_bytes(device),
+        "backends": rk.available_backends(),
+    }
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        env["gpu_capability"] = f"{props.major}.{props.minor}"
+        env["gpu_memory_bytes"] = int(props.total_memory)
+        env["gpu_count"] = torch.cuda.device_count()
+    if hasattr(os, "getloadavg"):
+        env["load_average_start"] = [round(x, 2) for x in os.getloadavg()]
+    return env
+
+
+# ---------------------------------------------------------------------------------------------
+# timing
+
+
+def rotation_count(set_bytes: int, cache_bytes: int) -> int:
+    """How many buffer sets of ``set_bytes`` to rotate through so none is still cached when reused."""
+    return min(MAX_SETS, max(2, math.ceil(CACHE_MULTIPLE * cache_bytes / max(1, set_bytes))))
+
+
+def summarize(samples: list) -> dict:
+    """Median and 20/80 percentiles (seconds) of per-call times."""
+    if len(samples) == 1:
+        q20 = q80 = samples[0]
+    else:
+        cuts = statistics.quantiles(samples, n=10, method="inclusive")  # deciles: 20% is cuts[1]
+        q20, q80 = cuts[1], cuts[7]
+    return {"median_s": statistics.median(samples), "p20_s": q20, "p80_s": q80, "samples": len(samples)}
+
+
+def time_calls(call, n_sets: int, device: torch.device, *, restore=None, min_time: float = 0.2,
+               min_samples: int = 5, max_samples: int = 200) -> dict:
+    """Per-call time of ``call(i)`` for i in 0..n_sets-1, summarized over samples (see module doc).
+
+    Args:
+        call: ``call(i)`` runs the work once on buffer set ``i``.
+        n_sets: number of buffer sets; one sample is one call on each, in order.
+        restore: called (untimed) before every sample to put fresh inputs back, or None.
+        min_time: keep sampling until this much timed work (seconds) has accumulated...
+        min_samples, max_samples: ...with at least / at most this many samples.
+
+    Returns: ``summarize`` of the per-call samples, plus ``calls_per_sample``.
+
+    Example:
+        >>> xs = [torch.randn(1 << 20) for _ in range(4)]
+        >>> time_calls(lambda i: xs[i].sum(), 4, torch.device("cpu"))["median_s"] > 0
+        True
+    """
+    timed = _time_cuda if device.type == "cuda" else _time_cpu
+    samples = timed(call, n_sets, device, restore, min_time, min_samples, max_samples)
+    return {**summarize(samples), "calls_per_sample": n_sets}
+
+
+def _enough(samples, min_time, min_samples, max_samples, per_sample_calls):
+    spent = sum(samples) * per_sample_calls
+    return len(samples) >= max_samples or (len(samples) >= min_samples and spent >= min_time)
+
+
+def _time_cpu(call, n_sets, device, restore, min_time, min_samples, max_samples):
+    from torch.utils import benchmark
+
+    position = [0]
+
+    def rotate():
+        call(position[0] % n_sets)
+        position[0] += 1
+
+    timer = benchmark.Timer(stmt="rotate()", globals={"rotate": rotate}, num_threads=torch.get_num_threads())
+    samples = []
+    while not _enough(samples, min_time, min_samples, max_samples, n_sets):
+        if restore is not None:
+            restore()
+        samples.append(timer.timeit(number=n_sets).median)
+    return samples
+
+
+@functools.cache
+def _sleep_cycles_per_second(device_index: int) -> float:
+    """Calibrates torch.cuda._sleep, which spins for a number of GPU clock cycles."""
+    cycles = 10_000_000
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda._sleep(cycles)  # first call pays for loading the kernel
+    start.record()
+    torch.cuda._sleep(cycles)
+    end.record()
+    end.synchronize()
+    return cycles / (start.elapsed_time(end) / 1e3)
+
+
+def _time_cuda(call, n_sets, device, restore, min_time, min_samples, max_samples):
+    with torch.cuda.device(device):
+        call(0)  # warm-up: compilation, autotuning, allocator growth
+        torch.cuda.synchronize()
+        host_start = time.perf_counter()
+        for i in range(n_sets):
+            call(i)
+        launch_s = time.perf_counter() - host_start  # host time to queue one sample
+        torch.cuda.synchronize()
+        can_sleep = hasattr(torch.cuda, "_sleep")
+        sleep_cycles = int(2 * launch_s * _sleep_cycles_per_second(torch.cuda.current_device())) if can_sleep else 0
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        samples = []
+        while not _enough(samples, min_time, min_samples, max_samples, n_sets):
+            if restore is not None:
+                restore()
+            if sleep_cycles:
+                torch.cuda._sleep(sleep_cycles)  # keeps the GPU busy while the host queues the sample
+            start.record()
+            for i in range(n_sets):
+                call(i)
+            end.record()
+            end.synchronize()
+            samples.append(start.elapsed_time(end) / 1e3 / n_sets)
+    return samples
+
+
+def copy_bandwidth(total_bytes: int, device: torch.device, cache_bytes: int, **timing) -> dict:
+    """Device-to-device ``dst.copy_(src)`` that moves ``total_bytes`` (half read, half written, rounded
+    down to whole float32 words), timed like the ops; returns the ``time_calls`` summary plus
+    ``bytes`` and ``gbps``."""
+    words = max(1, total_bytes // 8)  # float32 words per buffer: half the bytes read, half written
+    n_sets = rotation_count(8 * words, cache_bytes)
+    src = [torch.randn(words, device=device) for _ in range(n_sets)]
+    dst = [torch.randn(words, device=device) for _ in range(n_sets)]  # touched: no page faults in the timing
+    stats = time_calls(lambda i: dst[i].copy_(src[i]), n_sets, device, **timing)
+    moved = 8 * words
+    return {**stats, "bytes": moved, "gbps": moved / stats["median_s"] / 1e9}
+
+
+# ---------------------------------------------------------------------------------------------
+# output
+
+
+def finite_or_none(obj):
+    """JSON has no NaN/inf: turn them into null, recursively."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite_or_none(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_or_none(v) for v in obj]
+    return obj
+
+
+def write_json(payload: dict, path: str) -> str:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    if hasattr(os, "getloadavg") and "env" in payload:
+        payload["env"]["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
+    with open(path, "w") as fh:
+        json.dump(finite_or_none(payload), fh, indent=1, allow_nan=False)
+        fh.write("\n")
+    return path
+
+
+def read_json(path: str) -> dict:
+    with open(path) as fh:
+        return json.load(fh)
+
+
+def say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+class Progress:
+    """A tqdm bar on a terminal; elsewhere (CI logs, captured output) a line every ~10%, so a long run
+    shows it is alive without flooding the log. Works without tqdm installed."""
+
+    def __init__(self, total: int, desc: str):
+        self.total, self.desc, self.done = total, desc, 0
+        self._next_line = 0
+        self._bar = None
+        if sys.stderr.isatty():
+            try:
+                from tqdm import tqdm
+            except ImportError:
+                pass
+            else:
+                self._bar = tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
+        self._start = time.perf_counter()
+
+    def step(self, label: str) -> None:
+        self.done += 1
+        if self._bar is not None:
+            self._bar.set_postfix_str(label, refresh=False)
+            self._bar.update(1)
+        elif self.done >= self._next_line or self.done == self.total:
+            self._next_line = self.done + max(1, self.total // 10)
+            say(f"{self.desc}: {self.done}/{self.total} ({time.perf_counter() - self._start:.0f} s) {label}")
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()

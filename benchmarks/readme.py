@@ -1,0 +1,78 @@
+"""The README's "Performance" section, generated from committed result files so it is never hand-copied:
+``python -m benchmarks readme benchmarks/results/ops-cpu-....json [more.json ...]`` prints markdown.
+"""
+
+import os
+
+from . import common
+from .bench_ops import format_seconds
+
+
+def _link(path: str) -> str:
+    """The path as the README should show it: relative to the repository root when inside it."""
+    full = os.path.abspath(path)
+    root = common.REPO_ROOT + os.sep
+    return full[len(root):] if full.startswith(root) else os.path.basename(full)
+
+
+def _machine(env: dict) -> str:
+    if env["device_type"] == "cuda":
+        return f"{env['device_name']} (CUDA {env['cuda_runtime']})"
+    return f"{env['device_name']} CPU, {env['torch_threads']} threads"
+
+
+def _ratio(row: dict, base: str) -> str:
+    value = row.get(f"speedup_vs_{base}")
+    return "-" if value is None else f"{value:.2f}x"
+
+
+def ops_markdown(payload: dict, json_path: str) -> str:
+    """Headline table of an ops result file: our compiled backends at the largest size measured.
+
+    Example:
+        >>> print(ops_markdown(common.read_json(p), p))  # p = "benchmarks/results/ops-cpu-amd-epyc.json"
+    """
+    env, results = payload["env"], payload["results"]
+    ours = [r for r in results if r["kind"] == "backend" and r["impl"] != "reference"]
+    if not ours:  # a pure-Python install: the reference backend is all there is
+        ours = [r for r in results if r["kind"] == "backend"]
+    n = max(r["n"] for r in ours)
+    rows = [r for r in ours if r["n"] == n]
+    stem = os.path.splitext(_link(json_path))[0]
+    lines = [
+        f"Measured on {_machine(env)}; torch {env['torch']}"
+        + (f", Triton {env['triton']}" if env["device_type"] == "cuda" and env.get("triton") else "")
+        + f"; commit `{env['commit'][:10]}`{' (uncommitted changes)' if env.get('commit_dirty') else ''}; "
+        f"{env['date_utc'][:10]}. Source: [`{_link(json_path)}`]({_link(json_path)}), regenerate with "
+        f"`python -m benchmarks readme {_link(json_path)}`.",
+        "",
+        f"{common.size_label(n)} elements, median time; bytes moved count each input read once and each output "
+        "written once; *% of copy* compares with a device-to-device copy of the same bytes in the same run; "
+        "*vs X* is X's time divided by ours.",
+        "",
+        "| op | dtypes (state, f) | backend | time | GB/s | % of copy | vs naive | vs `lerp_` | vs `torch.compile` |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        flag = "" if r["correct"] else " (incorrect!)"
+        lines.append(
+            f"| `{r['op']}` | {r['dtype']} ({r['state_dtype']}, {r['f_dtype']}) | {r['impl']}{flag} | "
+            f"{format_seconds(r['median_s'])} | {r['gbps']:.1f} | {r['pct_of_copy']:.0f}% | {_ratio(r, 'naive')} | "
+            f"{_ratio(r, 'lerp_')} | {_ratio(r, 'compile')} |")
+    ops = list(dict.fromkeys(r["op"] for r in results))
+    lines += ["", "GB/s against size, every implementation: "
+              + ", ".join(f"[`{op}`]({stem}-{op.rstrip('_')}.png)" for op in ops) + "."]
+    skipped = {(s["impl"], s["reason"]) for s in payload["skipped"]}
+    if skipped:
+        lines += ["", "Not measured: " + "; ".join(f"{impl}: {reason}" for impl, reason in sorted(skipped)) + "."]
+    return "\n".join(lines)
+
+
+def markdown(paths: list) -> str:
+    parts = ["## Performance", ""]
+    for path in paths:
+        payload = common.read_json(path)
+        if payload.get("benchmark") != "ops":
+            raise ValueError(f"readme: {path} holds a {payload.get('benchmark')!r} benchmark; expected 'ops'")
+        parts += [ops_markdown(payload, path), ""]
+    return "\n".join(parts).rstrip() + "\n"
