@@ -23,6 +23,8 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default=None, metavar="DIR",
                         help=f"directory for the JSON and PNG files (default: {common.RESULTS_DIR})")
     parser.add_argument("--no-plots", action="store_true", help="write the JSON and table only")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads for torch (default: torch's choice, usually one per core)")
 
 
 def _benchmark_parser(module) -> argparse.ArgumentParser:

@@ -245,6 +245,7 @@ def device_slug(device: torch.device) -> str:
 def run(args) -> str:
     """Runs the benchmark described by parsed ``args``; writes the JSON (and plots); returns its path."""
     device = common.resolve_device(args.device)
+    common.set_threads(args.threads)
     sizes = args.sizes or common.parse_sizes((QUICK_SIZES if args.quick else FULL_SIZES)[device.type])
     min_time, min_samples = TIMING[(device.type, bool(args.quick))]
     timing = {"min_time": args.min_time if args.min_time is not None else min_time, "min_samples": min_samples}
@@ -252,6 +253,7 @@ def run(args) -> str:
     env = common.environment(device)
     common.say(f"ops benchmark on {env['device_name']} ({device.type}, {env['torch_threads']} threads), "
                f"sizes {', '.join(common.size_label(n) for n in sizes)}")
+    common.warn_if_busy()
 
     plans = {op: implementations(op, device, args) for op in args.ops}
     total = len(sizes) * sum(len(args.dtypes) * sum(fn is not None for _, _, fn, _ in plans[op]) for op in args.ops)

@@ -88,6 +88,24 @@ def slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "unknown"
 
 
+def warn_if_busy() -> None:
+    """Timings on a machine that other work keeps busy are noise; say so up front (and the JSON
+    records the load average at start and end)."""
+    if not hasattr(os, "getloadavg"):
+        return
+    load, cores = os.getloadavg()[0], os.cpu_count() or 1
+    if load > 0.5 * cores:
+        say(f"WARNING: this machine is busy (1-minute load average {load:.1f} on {cores} cores): CPU timings "
+            "will be noisy, and GPU launch overheads may be too")
+
+
+def set_threads(threads: int | None) -> None:
+    if threads is not None:
+        if threads < 1:
+            raise ValueError(f"--threads: expected a positive thread count, got {threads}")
+        torch.set_num_threads(threads)
+
+
 def resolve_device(requested: str | None) -> torch.device:
     """``cuda`` when a GPU is visible and nothing was asked for, else what was asked for (checked)."""
     if requested is None:
@@ -126,15 +144,16 @@ def last_level_cache_bytes(device: torch.device) -> int:
         return int(getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0)) or FALLBACK_CACHE_BYTES
     sizes = []
     base = "/sys/devices/system/cpu/cpu0/cache"
-    try:
-        for entry in os.listdir(base):
+    entries = os.listdir(base) if os.path.isdir(base) else []
+    for entry in (e for e in entries if e.startswith("index")):
+        try:
             with open(os.path.join(base, entry, "size")) as fh:
                 text = fh.read().strip().upper()
-            m = re.fullmatch(r"(\d+)([KMG]?)", text)
-            if m:
-                sizes.append(int(m.group(1)) << {"": 0, "K": 10, "M": 20, "G": 30}[m.group(2)])
-    except OSError:
-        pass
+        except OSError:
+            continue
+        m = re.fullmatch(r"(\d+)([KMG]?)", text)
+        if m:
+            sizes.append(int(m.group(1)) << {"": 0, "K": 10, "M": 20, "G": 30}[m.group(2)])
     return max(sizes) if sizes else FALLBACK_CACHE_BYTES
 
 
@@ -308,24 +327,39 @@ def copy_bandwidth(total_bytes: int, device: torch.device, cache_bytes: int, **t
 # output
 
 
-def finite_or_none(obj):
-    """JSON has no NaN/inf: turn them into null, recursively."""
+def clean(obj, digits: int = 7):
+    """JSON-ready copy: floats rounded to ``digits`` significant digits (timings are not more precise
+    than that) and NaN/inf turned into null, which JSON cannot hold."""
     if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
+        return float(f"{obj:.{digits}g}") if math.isfinite(obj) else None
     if isinstance(obj, dict):
-        return {k: finite_or_none(v) for k, v in obj.items()}
+        return {k: clean(v, digits) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [finite_or_none(v) for v in obj]
+        return [clean(v, digits) for v in obj]
     return obj
+
+
+def dumps(payload: dict) -> str:
+    """Indented JSON, except that lists of records get one record per line: a full GPU run has
+    hundreds of results, and one line each keeps the file readable and its diffs small."""
+    parts = []
+    for key, value in payload.items():
+        if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+            body = ",\n".join("  " + json.dumps(v, allow_nan=False) for v in value)
+            text = "[\n" + body + "\n ]"
+        else:
+            text = json.dumps(value, indent=1, allow_nan=False).replace("\n", "\n ")
+        parts.append(f" {json.dumps(key)}: {text}")
+    return "{\n" + ",\n".join(parts) + "\n}\n"
 
 
 def write_json(payload: dict, path: str) -> str:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     if hasattr(os, "getloadavg") and "env" in payload:
         payload["env"]["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
+    text = dumps(clean(payload))
     with open(path, "w") as fh:
-        json.dump(finite_or_none(payload), fh, indent=1, allow_nan=False)
-        fh.write("\n")
+        fh.write(text)
     return path
 
 

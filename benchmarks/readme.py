@@ -39,6 +39,7 @@ def ops_markdown(payload: dict, json_path: str) -> str:
     n = max(r["n"] for r in ours)
     rows = [r for r in ours if r["n"] == n]
     stem = os.path.splitext(_link(json_path))[0]
+    copy = max(payload["copy"], key=lambda c: c["bytes"])
     lines = [
         f"Measured on {_machine(env)}; torch {env['torch']}"
         + (f", Triton {env['triton']}" if env["device_type"] == "cuda" and env.get("triton") else "")
@@ -48,17 +49,20 @@ def ops_markdown(payload: dict, json_path: str) -> str:
         "",
         f"{common.size_label(n)} elements, median time; bytes moved count each input read once and each output "
         "written once; *% of copy* compares with a device-to-device copy of the same bytes in the same run; "
-        "*vs X* is X's time divided by ours.",
+        "*vs X* is X's time divided by ours (naive: `(1-b)*y + b*f`, `(z - b*f)/(1-b)`, `(z - f).norm()` and "
+        "`f.norm()`; in-place: `y.mul_(1-b).add_(f, alpha=b)`, `z.sub_(f, alpha=b).div_(1-b)`). The copy ran at "
+        f"{copy['gbps']:.1f} GB/s on {copy['bytes'] / 1e6:.3g} MB.",
         "",
-        "| op | dtypes (state, f) | backend | time | GB/s | % of copy | vs naive | vs `lerp_` | vs `torch.compile` |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|",
+        "| op | dtypes (state, f) | backend | time | GB/s | % of copy | vs naive | vs in-place | vs `lerp_` "
+        "| vs `torch.compile` |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         flag = "" if r["correct"] else " (incorrect!)"
         lines.append(
             f"| `{r['op']}` | {r['dtype']} ({r['state_dtype']}, {r['f_dtype']}) | {r['impl']}{flag} | "
             f"{format_seconds(r['median_s'])} | {r['gbps']:.1f} | {r['pct_of_copy']:.0f}% | {_ratio(r, 'naive')} | "
-            f"{_ratio(r, 'lerp_')} | {_ratio(r, 'compile')} |")
+            f"{_ratio(r, 'inplace')} | {_ratio(r, 'lerp_')} | {_ratio(r, 'compile')} |")
     ops = list(dict.fromkeys(r["op"] for r in results))
     lines += ["", "GB/s against size, every implementation: "
               + ", ".join(f"[`{op}`]({stem}-{op.rstrip('_')}.png)" for op in ops) + "."]
