@@ -256,15 +256,13 @@ def run(args) -> str:
     common.warn_if_busy()
 
     plans = {op: implementations(op, device, args) for op in args.ops}
-    total = len(sizes) * sum(len(args.dtypes) * sum(fn is not None for _, _, fn, _ in plans[op]) for op in args.ops)
-    progress = common.Progress(total, "ops")
-    results, skipped, copies = [], [], {}
-    compiled, compile_failed = {}, {}
-
-    for op in args.ops:
-        for name, kind, fn, reason in plans[op]:
-            if fn is None:
-                skipped.append({"op": op, "impl": name, "kind": kind, "reason": reason})
+    skipped = [{"op": op, "impl": name, "kind": kind, "reason": reason}
+               for op in args.ops for name, kind, fn, reason in plans[op] if fn is None]
+    compiler = NaiveCompiler(None if args.no_compile else args.compile_backend)
+    copies = {}  # bytes moved -> copy_bandwidth summary, shared by every case that moves as many bytes
+    results = []
+    runnable = sum(fn is not None for op in args.ops for _, _, fn, _ in plans[op])
+    progress = common.Progress(len(sizes) * len(args.dtypes) * runnable, "ops")
     try:
         for n in sizes:
             for op in args.ops:
@@ -272,26 +270,16 @@ def run(args) -> str:
                     case = Case(op, dtype_label, n, device, cache_bytes)
                     if case.bytes not in copies:
                         copies[case.bytes] = common.copy_bandwidth(case.bytes, device, cache_bytes, **timing)
-                    copy = copies[case.bytes]
                     rows = []
                     for name, kind, fn, _ in plans[op]:
                         if fn is None:
                             continue
                         progress.step(f"{op} {dtype_label} {common.size_label(n)} {name}")
-                        if fn == "compile":
-                            key = (op, dtype_label)
-                            if key in compile_failed:
+                        if kind == "compile":
+                            fn = compiler.get(case)
+                            if fn is None:
                                 continue
-                            if key not in compiled:
-                                fn, error = _compile(op, case, args.compile_backend)
-                                if fn is None:
-                                    compile_failed[key] = error
-                                    skipped.append({"op": op, "impl": name, "kind": kind, "dtype": dtype_label,
-                                                    "reason": error})
-                                    continue
-                                compiled[key] = fn
-                            fn = compiled[key]
-                        rows.append(_measure(case, name, kind, fn, copy, timing))
+                        rows.append(_measure(case, name, kind, fn, copies[case.bytes], timing))
                     _add_ratios(rows)
                     results += rows
                     case.free()
@@ -303,16 +291,15 @@ def run(args) -> str:
         "benchmark": NAME,
         "env": env,
         "config": {
-            "quick": bool(args.quick), "sizes": sizes, "ops": args.ops, "dtypes": {k: [str(DTYPES[k][0])[6:],
-                                                                                     str(DTYPES[k][1])[6:]]
-                                                                                 for k in args.dtypes},
-            "beta": BETA, "compile_backend": None if args.no_compile else args.compile_backend,
-            "cache_multiple": common.CACHE_MULTIPLE, **timing,
-            "bytes_rule": "each input read once, each output written once",
+            "quick": bool(args.quick), "sizes": sizes, "ops": args.ops,
+            "dtypes": {k: [str(DTYPES[k][0])[6:], str(DTYPES[k][1])[6:]] for k in args.dtypes},
+            "beta": BETA, "compile_backend": compiler.backend, "cache_multiple": common.CACHE_MULTIPLE,
+            "max_sets": common.MAX_SETS, **timing, "bytes_rule": "each input read once, each output written once",
         },
         "copy": [{"bytes": b, **c} for b, c in sorted(copies.items())],
         "results": results,
-        "skipped": skipped,
+        "skipped": skipped + compiler.failures,
+        "compile_times": compiler.times,
     }
     path = args.output or default_path(device, args.quick, args.out)
     common.write_json(payload, path)
@@ -326,19 +313,40 @@ def run(args) -> str:
     return path
 
 
-def _compile(op, case, backend):
-    """(compiled naive fn, None) or (None, why it failed); compiles by running it once."""
-    # dynamic=True: one compilation per (op, dtype) serves every size, so the three dtypes stay well under
-    # dynamo's recompile limit for the one naive function they share.
-    fn = torch.compile(NAIVE[op], dynamic=True, backend=backend)
-    start = time.perf_counter()
-    try:
-        fn(case.state0.clone(), case.f0.clone())
-    except Exception as exc:  # no C++ compiler, an unsupported backend, ...: report it, keep going
-        first_line = (str(exc).strip().splitlines() or [""])[0][:300]
-        return None, f"torch.compile(backend={backend!r}) failed: {type(exc).__name__}: {first_line}"
-    common.say(f"compiled naive {op} for {case.dtype_label} in {time.perf_counter() - start:.1f} s")
-    return fn, None
+class NaiveCompiler:
+    """``torch.compile`` of the naive expressions, compiled on first use for each (op, dtype).
+
+    ``dynamic=True``: one compilation serves every size, so the three dtypes of one op stay well
+    under dynamo's recompile limit. A failure (no C++ compiler, a backend that does not exist, ...)
+    is recorded once in ``failures`` and that (op, dtype) is skipped from then on.
+    """
+
+    def __init__(self, backend: str | None):
+        self.backend = backend
+        self.failures, self.times = [], []
+        self._done = {}  # (op, dtype label) -> compiled fn, or None when it failed
+
+    def get(self, case):
+        key = (case.op, case.dtype_label)
+        if key not in self._done:
+            self._done[key] = self._compile(case)
+        return self._done[key]
+
+    def _compile(self, case):
+        start = time.perf_counter()
+        try:
+            fn = torch.compile(NAIVE[case.op], dynamic=True, backend=self.backend)
+            fn(case.state0.clone(), case.f0.clone())  # compiles
+        except Exception as exc:  # whatever went wrong, report it and keep benchmarking the rest
+            first_line = (str(exc).strip().splitlines() or [""])[0][:300]
+            self.failures.append({"op": case.op, "impl": "compile", "kind": "compile", "dtype": case.dtype_label,
+                                  "reason": f"torch.compile(backend={self.backend!r}) failed: "
+                                            f"{type(exc).__name__}: {first_line}"})
+            return None
+        seconds = time.perf_counter() - start
+        self.times.append({"op": case.op, "dtype": case.dtype_label, "seconds": seconds})
+        common.say(f"compiled naive {case.op} for {case.dtype_label} in {seconds:.1f} s")
+        return fn
 
 
 def _measure(case, name, kind, fn, copy, timing):

@@ -150,6 +150,19 @@ def test_unknown_command_and_missing_gpu_are_clear_errors(capsys):
         assert "no CUDA device" in capsys.readouterr().err
 
 
+def test_a_failing_torch_compile_is_recorded_and_skipped(tmp_path, capsys):
+    out = tmp_path / "r.json"
+    _run_cli(["ops", "--device", "cpu", "--sizes", "2^10", "--ops", "relax_", "--dtypes", "float32,mixed",
+              "--impls", "naive,compile", "--compile-backend", "no-such-backend", "--min-time", "0",
+              "--output", str(out), "--no-plots"])
+    payload = common.read_json(str(out))
+    assert {r["impl"] for r in payload["results"]} == {"naive"}
+    failed = [s for s in payload["skipped"] if s["impl"] == "compile"]
+    assert [s["dtype"] for s in failed] == ["float32", "mixed"], failed
+    assert all("no-such-backend" in s["reason"] for s in failed)
+    assert "skipped compile (relax_ float32, relax_ mixed)" in capsys.readouterr().out
+
+
 def test_parse_sizes():
     assert common.parse_sizes("2^16:2^18, 1000,1<<3") == [65536, 131072, 262144, 1000, 8]
     for bad in ("", "2^18:2^16", "3:8", "0", "x"):
