@@ -47,7 +47,9 @@ DTYPES = {
 FULL_SIZES = {"cpu": "2^16:2^24", "cuda": "2^16:2^28"}
 QUICK_SIZES = {"cpu": "2^16,2^19,2^22", "cuda": "2^20,2^24,2^26"}
 # Timing budget per measurement: (min_time seconds, min_samples).
-TIMING = {("cpu", False): (0.4, 7), ("cpu", True): (0.05, 3), ("cuda", False): (0.05, 15), ("cuda", True): (0.02, 10)}
+TIMING = {("cpu", False): (0.4, 7), ("cpu", True): (0.03, 3), ("cuda", False): (0.05, 15), ("cuda", True): (0.02, 10)}
+# Each torch.compile costs seconds on CPU (the first one tens of seconds), so --quick compiles one dtype.
+QUICK_COMPILE_DTYPES = ("float32",)
 BASELINES = ("naive", "inplace", "lerp_", "compile")
 # Why Triton is not timed on CPU tensors.
 TRITON_ON_CPU = ("Triton runs on CPU only under TRITON_INTERPRET=1, a Python interpreter for tests that is "
@@ -258,7 +260,8 @@ def run(args) -> str:
     plans = {op: implementations(op, device, args) for op in args.ops}
     skipped = [{"op": op, "impl": name, "kind": kind, "reason": reason}
                for op in args.ops for name, kind, fn, reason in plans[op] if fn is None]
-    compiler = NaiveCompiler(None if args.no_compile else args.compile_backend)
+    compiler = NaiveCompiler(None if args.no_compile else args.compile_backend,
+                             QUICK_COMPILE_DTYPES if args.quick else tuple(DTYPES))
     copies = {}  # bytes moved -> copy_bandwidth summary, shared by every case that moves as many bytes
     results = []
     runnable = sum(fn is not None for op in args.ops for _, _, fn, _ in plans[op])
@@ -321,15 +324,21 @@ class NaiveCompiler:
     is recorded once in ``failures`` and that (op, dtype) is skipped from then on.
     """
 
-    def __init__(self, backend: str | None):
-        self.backend = backend
+    def __init__(self, backend: str | None, dtypes: tuple):
+        self.backend, self.dtypes = backend, dtypes
         self.failures, self.times = [], []
-        self._done = {}  # (op, dtype label) -> compiled fn, or None when it failed
+        self._done = {}  # (op, dtype label) -> compiled fn, or None when it failed or was not wanted
 
     def get(self, case):
         key = (case.op, case.dtype_label)
         if key not in self._done:
-            self._done[key] = self._compile(case)
+            if case.dtype_label in self.dtypes:
+                self._done[key] = self._compile(case)
+            else:
+                self._done[key] = None
+                self.failures.append({"op": case.op, "impl": "compile", "kind": "compile", "dtype": case.dtype_label,
+                                      "reason": f"--quick compiles {', '.join(self.dtypes)} only (each compilation "
+                                                "takes seconds); the full run compiles every dtype"})
         return self._done[key]
 
     def _compile(self, case):
