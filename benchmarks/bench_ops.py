@@ -47,7 +47,7 @@ DTYPES = {
 FULL_SIZES = {"cpu": "2^16:2^24", "cuda": "2^16:2^28"}
 QUICK_SIZES = {"cpu": "2^16,2^19,2^22", "cuda": "2^20,2^24,2^26"}
 # Timing budget per measurement: (min_time seconds, min_samples).
-TIMING = {("cpu", False): (0.4, 7), ("cpu", True): (0.03, 3), ("cuda", False): (0.05, 15), ("cuda", True): (0.02, 10)}
+TIMING = {("cpu", False): (0.4, 7), ("cpu", True): (0.03, 3), ("cuda", False): (0.03, 10), ("cuda", True): (0.01, 5)}
 # Each torch.compile costs seconds on CPU (the first one tens of seconds), so --quick compiles one dtype.
 QUICK_COMPILE_DTYPES = ("float32",)
 BASELINES = ("naive", "inplace", "lerp_", "compile")
@@ -220,7 +220,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compile-backend", default="inductor",
                         help="torch.compile backend for the compile baseline (default: inductor)")
     parser.add_argument("--min-time", type=float, default=None,
-                        help="seconds of timed work per measurement (default: 0.4 CPU, 0.05 GPU; less with --quick)")
+                        help="seconds of timed work per measurement (default: 0.4 CPU, 0.03 GPU; less with --quick)")
 
 
 def _choices(flag, allowed):

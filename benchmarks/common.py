@@ -293,7 +293,9 @@ def _time_cuda(call, n_sets, device, restore, min_time, min_samples, max_samples
         launch_s = time.perf_counter() - host_start  # host time to queue one sample
         torch.cuda.synchronize()
         can_sleep = hasattr(torch.cuda, "_sleep")
-        sleep_cycles = int(2 * launch_s * _sleep_cycles_per_second(torch.cuda.current_device())) if can_sleep else 0
+        # Long enough to cover queueing one sample (with margin), no longer: it is dead time.
+        sleep_s = 1.5 * launch_s + 50e-6
+        sleep_cycles = int(sleep_s * _sleep_cycles_per_second(torch.cuda.current_device())) if can_sleep else 0
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         samples = []
         while not _enough(samples, min_time, min_samples, max_samples, n_sets):
