@@ -25,6 +25,7 @@ Run: ``python -m benchmarks ops [--quick] [--sizes 2^16:2^24] [--device cuda]``.
 
 import argparse
 import os
+import statistics
 import time
 
 import torch
@@ -51,6 +52,7 @@ TIMING = {("cpu", False): (0.4, 7), ("cpu", True): (0.03, 3), ("cuda", False): (
 # Each torch.compile costs seconds on CPU (the first one tens of seconds), so --quick compiles one dtype.
 QUICK_COMPILE_DTYPES = ("float32",)
 BASELINES = ("naive", "inplace", "lerp_", "compile")
+MUTATING = ("backend", "inplace", "lerp_")  # kinds that update the state in place (restored between samples)
 # Why Triton is not timed on CPU tensors.
 TRITON_ON_CPU = ("Triton runs on CPU only under TRITON_INTERPRET=1, a Python interpreter for tests that is "
                  "orders of magnitude slower than any kernel; timing it would say nothing")
@@ -262,29 +264,23 @@ def run(args) -> str:
                for op in args.ops for name, kind, fn, reason in plans[op] if fn is None]
     compiler = NaiveCompiler(None if args.no_compile else args.compile_backend,
                              QUICK_COMPILE_DTYPES if args.quick else tuple(DTYPES))
-    copies = {}  # bytes moved -> copy_bandwidth summary, shared by every case that moves as many bytes
-    results = []
-    runnable = sum(fn is not None for op in args.ops for _, _, fn, _ in plans[op])
-    progress = common.Progress(len(sizes) * len(args.dtypes) * runnable, "ops")
+    results, copies = [], []
+    progress = common.Progress(len(sizes) * len(args.ops) * len(args.dtypes), "ops")
     try:
         for n in sizes:
             for op in args.ops:
                 for dtype_label in args.dtypes:
+                    progress.step(f"{op} {dtype_label} {common.size_label(n)}")
                     case = Case(op, dtype_label, n, device, cache_bytes)
-                    if case.bytes not in copies:
-                        copies[case.bytes] = common.copy_bandwidth(case.bytes, device, cache_bytes, **timing)
-                    rows = []
+                    impls = []
                     for name, kind, fn, _ in plans[op]:
-                        if fn is None:
-                            continue
-                        progress.step(f"{op} {dtype_label} {common.size_label(n)} {name}")
-                        if kind == "compile":
+                        if kind == "compile" and fn is not None:
                             fn = compiler.get(case)
-                            if fn is None:
-                                continue
-                        rows.append(_measure(case, name, kind, fn, copies[case.bytes], timing))
-                    _add_ratios(rows)
+                        if fn is not None:
+                            impls.append((name, kind, fn))
+                    rows, copy = measure_case(case, impls, cache_bytes, timing)
                     results += rows
+                    copies.append({"op": op, "dtype": dtype_label, "n": n, **copy})
                     case.free()
     finally:
         progress.close()
@@ -299,7 +295,7 @@ def run(args) -> str:
             "beta": BETA, "compile_backend": compiler.backend, "cache_multiple": common.CACHE_MULTIPLE,
             "max_sets": common.MAX_SETS, **timing, "bytes_rule": "each input read once, each output written once",
         },
-        "copy": [{"bytes": b, **c} for b, c in sorted(copies.items())],
+        "copy": copies,
         "results": results,
         "skipped": skipped + compiler.failures,
         "compile_times": compiler.times,
@@ -358,27 +354,37 @@ class NaiveCompiler:
         return fn
 
 
-def _measure(case, name, kind, fn, copy, timing):
-    error = case.check(fn)
-    bound = error_bound(case.op, kind, case.state_dtype, case.f_dtype)
-    if not error <= bound:
-        common.say(f"WARNING: {name} {case.op} {case.dtype_label} n={case.n} is off by {error:.2e} "
-                   f"(bound {bound:.1e}); timing it anyway, flagged incorrect")
-    mutates = kind in ("backend", "inplace", "lerp_") and case.op != "residual"
+def measure_case(case, impls, cache_bytes, timing):
+    """Checks each implementation against float64 math, then times them all, interleaved with a copy
+    of the same bytes. ``impls`` lists (name, kind, fn); returns (result rows, copy summary)."""
+    checked = []
+    for name, kind, fn in impls:
+        error = case.check(fn)
+        bound = error_bound(case.op, kind, case.state_dtype, case.f_dtype)
+        if not error <= bound:
+            common.say(f"WARNING: {name} {case.op} {case.dtype_label} n={case.n} is off by {error:.2e} "
+                       f"(bound {bound:.1e}); timing it anyway, flagged incorrect")
+        checked.append((name, kind, fn, error, bound))
+    ceiling = common.CopyCeiling(case.bytes, case.device, cache_bytes)
     states, fs = case.states, case.fs
-    stats = common.time_calls(lambda i: fn(states[i], fs[i]), case.n_sets, case.device,
-                              restore=case.restore if mutates else None, **timing)
-    seconds = stats["median_s"]
-    return {
-        "op": case.op, "dtype": case.dtype_label, "state_dtype": str(case.state_dtype)[6:],
-        "f_dtype": str(case.f_dtype)[6:], "n": case.n, "impl": name, "kind": kind,
-        "bytes": case.bytes, **stats,
-        "gbps": case.bytes / seconds / 1e9,
-        "copy_gbps": copy["gbps"],
-        "pct_of_copy": 100.0 * (case.bytes / seconds / 1e9) / copy["gbps"],
-        "max_error": error, "error_bound": bound, "correct": bool(error <= bound),
-        "n_sets": case.n_sets, "rotated_bytes": case.n_sets * case.set_bytes,
-    }
+    jobs = [ceiling.job] + [
+        common.Job(lambda i, fn=fn: fn(states[i], fs[i]), case.n_sets,
+                   case.restore if kind in MUTATING and case.op != "residual" else None)
+        for _, kind, fn, _, _ in checked]
+    copy_stats, *stats = common.time_jobs(jobs, case.device, **timing)
+    copy = {**copy_stats, "bytes": ceiling.bytes, "gbps": ceiling.bytes / copy_stats["median_s"] / 1e9}
+    rows = []
+    for (name, kind, _, error, bound), st in zip(checked, stats):
+        gbps = case.bytes / st["median_s"] / 1e9
+        rows.append({
+            "op": case.op, "dtype": case.dtype_label, "state_dtype": str(case.state_dtype)[6:],
+            "f_dtype": str(case.f_dtype)[6:], "n": case.n, "impl": name, "kind": kind, "bytes": case.bytes, **st,
+            "gbps": gbps, "copy_gbps": copy["gbps"], "pct_of_copy": 100.0 * gbps / copy["gbps"],
+            "max_error": error, "error_bound": bound, "correct": bool(error <= bound),
+            "n_sets": case.n_sets, "rotated_bytes": case.n_sets * case.set_bytes,
+        })
+    _add_ratios(rows)
+    return rows, copy
 
 
 def _add_ratios(rows):
@@ -418,13 +424,21 @@ def format_table(payload: dict) -> str:
     if payload["copy"]:
         lines.append("")
         lines.append("copy ceiling (same bytes, same run): " + ", ".join(
-            f"{c['bytes'] / 1e6:.3g} MB {c['gbps']:.1f} GB/s" for c in payload["copy"]))
+            f"{c['bytes'] / 1e6:.3g} MB {c['gbps']:.1f} GB/s" for c in _distinct_copies(payload["copy"])))
     where = {}  # (impl, reason) -> the ops (and dtypes) it was skipped for
     for s in payload["skipped"]:
         where.setdefault((s["impl"], s["reason"]), []).append(f"{s['op']} {s.get('dtype', '')}".strip())
     for (impl, reason), cases in where.items():
         lines.append(f"skipped {impl} ({', '.join(cases)}): {reason}")
     return "\n".join(lines)
+
+
+def _distinct_copies(copies):
+    """The copy ceiling per distinct byte count (the median over the cases that moved that many)."""
+    by_bytes = {}
+    for c in copies:
+        by_bytes.setdefault(c["bytes"], []).append(c["gbps"])
+    return [{"bytes": b, "gbps": statistics.median(g)} for b, g in sorted(by_bytes.items())]
 
 
 def format_seconds(s: float) -> str:

@@ -8,6 +8,9 @@ optional ``restore`` puts fresh values back (untimed), so an in-place op never r
 has already blown up (unrelax_ multiplies by 1/(1-beta) per call). Reported: the median sample and
 the 20th/80th percentiles.
 
+Implementations that are compared (and the copy ceiling) are sampled in turn, not one after the
+other, so a burst of load from elsewhere shifts them together (``time_jobs``).
+
 - CPU: each sample is ``torch.utils.benchmark.Timer.timeit(n_sets)`` (it also warms up, disables
   the garbage collector and pins the thread count).
 - CUDA: each sample is a CUDA-event pair around the ``n_sets`` calls, queued behind a short
@@ -224,50 +227,76 @@ def summarize(samples: list) -> dict:
     return {"median_s": statistics.median(samples), "p20_s": q20, "p80_s": q80, "samples": len(samples)}
 
 
-def time_calls(call, n_sets: int, device: torch.device, *, restore=None, min_time: float = 0.2,
-               min_samples: int = 5, max_samples: int = 200) -> dict:
-    """Per-call time of ``call(i)`` for i in 0..n_sets-1, summarized over samples (see module doc).
+class Job:
+    """One thing to time: ``call(i)`` runs the work once on buffer set ``i`` (0 <= i < n_sets);
+    ``restore()``, if given, puts fresh inputs back before each sample (untimed)."""
 
-    Args:
-        call: ``call(i)`` runs the work once on buffer set ``i``.
-        n_sets: number of buffer sets; one sample is one call on each, in order.
-        restore: called (untimed) before every sample to put fresh inputs back, or None.
-        min_time: keep sampling until this much timed work (seconds) has accumulated...
-        min_samples, max_samples: ...with at least / at most this many samples.
+    def __init__(self, call, n_sets: int, restore=None):
+        self.call, self.n_sets, self.restore = call, n_sets, restore
 
-    Returns: ``summarize`` of the per-call samples, plus ``calls_per_sample``.
+
+def time_calls(call, n_sets: int, device: torch.device, *, restore=None, **timing) -> dict:
+    """Per-call time of ``call(i)`` over buffer sets 0..n_sets-1: ``time_jobs`` for one job.
 
     Example:
         >>> xs = [torch.randn(1 << 20) for _ in range(4)]
         >>> time_calls(lambda i: xs[i].sum(), 4, torch.device("cpu"))["median_s"] > 0
         True
     """
-    timed = _time_cuda if device.type == "cuda" else _time_cpu
-    samples = timed(call, n_sets, device, restore, min_time, min_samples, max_samples)
-    return {**summarize(samples), "calls_per_sample": n_sets}
+    return time_jobs([Job(call, n_sets, restore)], device, **timing)[0]
 
 
-def _enough(samples, min_time, min_samples, max_samples, per_sample_calls):
-    spent = sum(samples) * per_sample_calls
-    return len(samples) >= max_samples or (len(samples) >= min_samples and spent >= min_time)
+def time_jobs(jobs: list, device: torch.device, *, min_time: float = 0.2, min_samples: int = 5,
+              max_samples: int = 200) -> list:
+    """Times several jobs with their samples interleaved (a sample of each in turn), so a burst of
+    load from elsewhere hits all of them alike and their ratios stay meaningful on a busy machine.
+
+    Args:
+        jobs: ``Job`` list; one sample of a job is one call on each of its buffer sets, in order.
+        min_time: sample a job until this much timed work (seconds) has accumulated...
+        min_samples, max_samples: ...with at least / at most this many samples.
+
+    Returns: for each job, ``summarize`` of its per-call samples plus ``calls_per_sample``.
+
+    Example:
+        >>> xs, ys = [torch.randn(1 << 20) for _ in range(2)], [torch.randn(1 << 20) for _ in range(2)]
+        >>> a, b = time_jobs([Job(lambda i: xs[i].sum(), 2), Job(lambda i: ys[i].mul(2), 2)], torch.device("cpu"))
+    """
+    make = _CudaSampler if device.type == "cuda" else _CpuSampler
+    samplers = [make(job, device) for job in jobs]
+    samples = [[] for _ in jobs]
+
+    def enough(i):
+        done = samples[i]
+        spent = sum(done) * jobs[i].n_sets
+        return len(done) >= max_samples or (len(done) >= min_samples and spent >= min_time)
+
+    while not all(enough(i) for i in range(len(jobs))):
+        for i, sampler in enumerate(samplers):
+            if not enough(i):
+                samples[i].append(sampler.sample())
+    return [{**summarize(done), "calls_per_sample": job.n_sets} for done, job in zip(samples, jobs)]
 
 
-def _time_cpu(call, n_sets, device, restore, min_time, min_samples, max_samples):
-    from torch.utils import benchmark
+class _CpuSampler:
+    """A sample is ``torch.utils.benchmark.Timer.timeit(n_sets)``: it warms up (two calls), pins the
+    thread count and disables the garbage collector; sets are used in rotation throughout."""
 
-    position = [0]
+    def __init__(self, job: Job, device: torch.device):
+        from torch.utils import benchmark
 
-    def rotate():
-        call(position[0] % n_sets)
-        position[0] += 1
+        self.job, self.position = job, 0
 
-    timer = benchmark.Timer(stmt="rotate()", globals={"rotate": rotate}, num_threads=torch.get_num_threads())
-    samples = []
-    while not _enough(samples, min_time, min_samples, max_samples, n_sets):
-        if restore is not None:
-            restore()
-        samples.append(timer.timeit(number=n_sets).median)
-    return samples
+        def rotate():
+            job.call(self.position % job.n_sets)
+            self.position += 1
+
+        self.timer = benchmark.Timer(stmt="rotate()", globals={"rotate": rotate}, num_threads=torch.get_num_threads())
+
+    def sample(self) -> float:
+        if self.job.restore is not None:
+            self.job.restore()
+        return self.timer.timeit(number=self.job.n_sets).median
 
 
 @functools.cache
@@ -283,46 +312,68 @@ def _sleep_cycles_per_second(device_index: int) -> float:
     return cycles / (start.elapsed_time(end) / 1e3)
 
 
-def _time_cuda(call, n_sets, device, restore, min_time, min_samples, max_samples):
-    with torch.cuda.device(device):
-        call(0)  # warm-up: compilation, autotuning, allocator growth
-        torch.cuda.synchronize()
-        host_start = time.perf_counter()
-        for i in range(n_sets):
-            call(i)
-        launch_s = time.perf_counter() - host_start  # host time to queue one sample
-        torch.cuda.synchronize()
-        can_sleep = hasattr(torch.cuda, "_sleep")
-        # Long enough to cover queueing one sample (with margin), no longer: it is dead time.
-        sleep_s = 1.5 * launch_s + 50e-6
-        sleep_cycles = int(sleep_s * _sleep_cycles_per_second(torch.cuda.current_device())) if can_sleep else 0
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        samples = []
-        while not _enough(samples, min_time, min_samples, max_samples, n_sets):
-            if restore is not None:
-                restore()
-            if sleep_cycles:
-                torch.cuda._sleep(sleep_cycles)  # keeps the GPU busy while the host queues the sample
-            start.record()
-            for i in range(n_sets):
-                call(i)
-            end.record()
-            end.synchronize()
-            samples.append(start.elapsed_time(end) / 1e3 / n_sets)
-    return samples
+class _CudaSampler:
+    """A sample is a CUDA-event pair around one call on each set, queued behind a ``torch.cuda._sleep``
+    that keeps the GPU busy while the host queues the calls: the time is device time, as with
+    ``triton.testing.do_bench``, not Python launch overhead."""
+
+    def __init__(self, job: Job, device: torch.device):
+        self.job, self.device = job, device
+        with torch.cuda.device(device):
+            job.call(0)  # warm-up: compilation, autotuning, allocator growth
+            torch.cuda.synchronize()
+            host_start = time.perf_counter()
+            for i in range(job.n_sets):
+                job.call(i)
+            launch_s = time.perf_counter() - host_start  # host time to queue one sample
+            torch.cuda.synchronize()
+            # Long enough to cover queueing one sample (with margin), no longer: it is dead time.
+            sleep_s = 1.5 * launch_s + 50e-6
+            self.sleep_cycles = 0
+            if hasattr(torch.cuda, "_sleep"):
+                self.sleep_cycles = int(sleep_s * _sleep_cycles_per_second(torch.cuda.current_device()))
+            self.start = torch.cuda.Event(enable_timing=True)
+            self.end = torch.cuda.Event(enable_timing=True)
+
+    def sample(self) -> float:
+        job = self.job
+        with torch.cuda.device(self.device):
+            if job.restore is not None:
+                job.restore()
+            if self.sleep_cycles:
+                torch.cuda._sleep(self.sleep_cycles)
+            self.start.record()
+            for i in range(job.n_sets):
+                job.call(i)
+            self.end.record()
+            self.end.synchronize()
+            return self.start.elapsed_time(self.end) / 1e3 / job.n_sets
+
+
+class CopyCeiling:
+    """Device-to-device ``dst.copy_(src)`` moving ``total_bytes`` (half read, half written, rounded down
+    to whole float32 words): the bandwidth ceiling, timed alongside the ops it bounds.
+
+    Example:
+        >>> ceiling = CopyCeiling(12 << 20, torch.device("cpu"), cache_bytes=32 << 20)
+        >>> stats = time_jobs([ceiling.job], torch.device("cpu"))[0]
+        >>> gbps = ceiling.bytes / stats["median_s"] / 1e9
+    """
+
+    def __init__(self, total_bytes: int, device: torch.device, cache_bytes: int):
+        words = max(1, total_bytes // 8)  # float32 words per buffer
+        self.bytes = 8 * words
+        n_sets = rotation_count(self.bytes, cache_bytes)
+        self.src = [torch.randn(words, device=device) for _ in range(n_sets)]
+        self.dst = [torch.randn(words, device=device) for _ in range(n_sets)]  # touched: no page faults when timed
+        self.job = Job(lambda i: self.dst[i].copy_(self.src[i]), n_sets)
 
 
 def copy_bandwidth(total_bytes: int, device: torch.device, cache_bytes: int, **timing) -> dict:
-    """Device-to-device ``dst.copy_(src)`` that moves ``total_bytes`` (half read, half written, rounded
-    down to whole float32 words), timed like the ops; returns the ``time_calls`` summary plus
-    ``bytes`` and ``gbps``."""
-    words = max(1, total_bytes // 8)  # float32 words per buffer: half the bytes read, half written
-    n_sets = rotation_count(8 * words, cache_bytes)
-    src = [torch.randn(words, device=device) for _ in range(n_sets)]
-    dst = [torch.randn(words, device=device) for _ in range(n_sets)]  # touched: no page faults in the timing
-    stats = time_calls(lambda i: dst[i].copy_(src[i]), n_sets, device, **timing)
-    moved = 8 * words
-    return {**stats, "bytes": moved, "gbps": moved / stats["median_s"] / 1e9}
+    """``CopyCeiling`` timed on its own: the ``time_jobs`` summary plus ``bytes`` and ``gbps``."""
+    ceiling = CopyCeiling(total_bytes, device, cache_bytes)
+    stats = time_jobs([ceiling.job], device, **timing)[0]
+    return {**stats, "bytes": ceiling.bytes, "gbps": ceiling.bytes / stats["median_s"] / 1e9}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -195,13 +195,11 @@ def test_time_calls_measures_known_work():
 
 def test_a_wrong_implementation_is_flagged():
     case = bench_ops.Case("relax_", "float32", 1000, torch.device("cpu"), cache_bytes=1 << 16)
-    copy = {"median_s": 1e-6, "gbps": 10.0}
-    timing = {"min_time": 0.0, "min_samples": 3}
-    right = bench_ops._measure(case, "reference", "backend", bench_ops._backend_impl("relax_", "reference"),
-                               copy, timing)
-    wrong = bench_ops._measure(case, "broken", "backend", lambda s, f: s.mul_(0.2).add_(f, alpha=0.79),
-                               copy, timing)
+    impls = [("reference", "backend", bench_ops._backend_impl("relax_", "reference")),
+             ("broken", "backend", lambda s, f: s.mul_(0.2).add_(f, alpha=0.79))]
+    (right, wrong), copy = bench_ops.measure_case(case, impls, 1 << 16, {"min_time": 0.0, "min_samples": 3})
     assert right["correct"] and not wrong["correct"] and wrong["max_error"] > 1e-3
+    assert copy["gbps"] > 0 and right["copy_gbps"] == copy["gbps"]
 
 
 @pytest.mark.gpu
