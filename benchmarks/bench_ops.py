@@ -424,7 +424,7 @@ def format_table(payload: dict) -> str:
     if payload["copy"]:
         lines.append("")
         lines.append("copy ceiling (same bytes, same run): " + ", ".join(
-            f"{c['bytes'] / 1e6:.3g} MB {c['gbps']:.1f} GB/s" for c in _distinct_copies(payload["copy"])))
+            f"{c['bytes'] / 1e6:.3g} MB {c['gbps']:.1f} GB/s" for c in distinct_copies(payload["copy"])))
     where = {}  # (impl, reason) -> the ops (and dtypes) it was skipped for
     for s in payload["skipped"]:
         where.setdefault((s["impl"], s["reason"]), []).append(f"{s['op']} {s.get('dtype', '')}".strip())
@@ -433,7 +433,7 @@ def format_table(payload: dict) -> str:
     return "\n".join(lines)
 
 
-def _distinct_copies(copies):
+def distinct_copies(copies):
     """The copy ceiling per distinct byte count (the median over the cases that moved that many)."""
     by_bytes = {}
     for c in copies:
