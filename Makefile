@@ -17,7 +17,7 @@ TORCH_PIP_ARGS ?= $(if $(or $(CPU_TORCH_WHEEL),$(HAVE_NVIDIA)),,--index-url http
 
 CSRC := $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu csrc/cuda/*.cuh csrc/cuda/*.cpp csrc/cuda/*.h)
 
-.PHONY: install test demo bench cuda-check lint gpu clean
+.PHONY: install test demo bench cuda-check lint gpu gpu-prepare clean
 
 # The environment: torch first (so the extension builds against it), then the package with its
 # test, benchmark and example extras.
@@ -50,6 +50,19 @@ bench: install
 
 cuda-check:
 	$(PYTHON) tools/cuda_check.py
+
+# On the GPU machine (its python3 already has torch with CUDA, Triton, pytest; no network, no .venv):
+# build for sm_90 only, GPU tests, verify.py, compute-sanitizer, full benchmarks; logs and results
+# under $$OUT. See tools/gpu_session.sh (GPU_STEPS picks a subset).
+gpu:
+	tools/gpu_session.sh
+
+# Here, before a device call that runs `make gpu` with carry [".gpu", ".whl"]: ../shared/gpu/verify.py
+# does not travel, and the GPU machine cannot download torchdeq.
+gpu-prepare:
+	mkdir -p .gpu .whl
+	cp ../shared/gpu/verify.py .gpu/verify.py
+	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: -d .whl torchdeq==0.1.0
 
 lint: $(VENV)/.deps
 	$(PY) -m ruff check revdeq_kernels benchmarks tests tools examples setup.py
