@@ -2,6 +2,7 @@
 
 from . import fixed_point
 from .autograd import reversible_fixed_point
+from .fixed_point import FixedPointError
 from .info import DriftError
 from .jacobian import jacobian_penalty, spectral_radius
 from .nn import RevDEQ
@@ -11,6 +12,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "DriftError",
+    "FixedPointError",
     "RevDEQ",
     "available_backends",
     "fixed_point",

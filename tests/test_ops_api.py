@@ -211,3 +211,13 @@ def test_torch_compile_fullgraph(backend):
     torch.testing.assert_close(y, y_want)
     torch.testing.assert_close(z, z_want, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(out, torch.stack([((z_want - fz) ** 2).sum(), (fz ** 2).sum()]), rtol=1e-5, atol=0)
+
+
+def test_package_root_exports_the_public_api():
+    import revdeq_kernels as rk
+    from revdeq_kernels.fixed_point import FixedPointError
+
+    for name in rk.__all__:
+        assert hasattr(rk, name), f"revdeq_kernels.__all__ lists {name} but the package has no such attribute"
+    assert rk.FixedPointError is FixedPointError and issubclass(rk.FixedPointError, ValueError)
+    assert issubclass(rk.DriftError, RuntimeError)
