@@ -25,7 +25,7 @@ $(VENV)/.deps: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install "torch==$(TORCH_VERSION)" $(TORCH_PIP_ARGS)
 	$(PY) -m pip install --no-build-isolation -e ".[test,bench,examples]"
-	touch $(VENV)/.built $@
+	touch $@ $(VENV)/.built  # .built last: not older than .deps, so the build above is not repeated
 
 # Rebuild revdeq_kernels._C whenever a C++/CUDA source changes.
 $(VENV)/.built: $(VENV)/.deps setup.py $(CSRC)
