@@ -22,8 +22,8 @@ run for ``N`` steps of the RevDEQ iteration (solver.py) by each method:
 
 Measured per (f, N, method):
 
-- memory: on every device the bytes autograd saves for the backward during the forward
-  (``saved_tensors_hooks``, each storage once, f's parameters excluded); on CUDA also
+- memory: on every device the bytes autograd saves for the backward during the method's forward, up to
+  the returned ``z`` (``saved_tensors_hooks``, each storage once, f's parameters excluded); on CUDA also
   ``torch.cuda.max_memory_allocated`` over the whole step above the allocation before it (the
   gradients already exist from the first run), the headline there. The saved bytes do not show what a
   backward holds while it runs: RevDEQ's one graph of f at a time, checkpoint's one recomputed step
@@ -94,7 +94,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--methods", default=",".join(METHODS), metavar="METHOD,...",
                         help=f"which methods to run, from {', '.join(METHODS)} (default: all)")
     parser.add_argument("--size", choices=tuple(blocks.SIZES), default=None,
-                        help="model sizes (default: gpu on CUDA, cpu on CPU; see benchmarks/blocks.py)")
+                        help="model sizes (default: gpu on CUDA; on CPU cpu, or small with --quick; see "
+                             "benchmarks/blocks.py)")
     parser.add_argument("--repeats", type=int, default=None,
                         help="timed training steps per method after the first (default: CPU 5, CUDA 10; --quick 1, 2)")
     parser.add_argument("--beta", type=float, default=DEFAULT_BETA, help="relaxation of the iteration, every method")
@@ -297,9 +298,9 @@ def first_run(methods: Methods, method: str, reference: dict, device: torch.devi
     params = list(f.parameters())
     f.zero_grad(set_to_none=True)
     with count_calls(f) as calls:
-        with SavedBytes(exclude=params) as saved:
+        with SavedBytes(exclude=params) as saved:  # the solve's own, not the loss's (the same for every method)
             z, report = methods.forward(method)
-            loss = (z * case.w).sum()
+        loss = (z * case.w).sum()
         calls_forward = calls[0]
         loss.backward()
         calls_backward = calls[0] - calls_forward
@@ -366,7 +367,7 @@ def run(args) -> str:
     steps_list = parse_steps(args.steps or STEPS[bool(args.quick)])
     kinds = _names("--kinds", "f kind", args.kinds, blocks.KINDS)
     wanted = _names("--methods", "method", args.methods, METHODS)
-    size = args.size or ("gpu" if device.type == "cuda" else "cpu")
+    size = args.size or ("gpu" if device.type == "cuda" else "small" if args.quick else "cpu")
     repeats = args.repeats if args.repeats is not None else REPEATS[(device.type, bool(args.quick))]
     if repeats < 1:
         raise ValueError(f"--repeats: expected a positive number of timed steps, got {repeats}")
@@ -421,8 +422,9 @@ def run(args) -> str:
                                   "conv": "f = x + conv2(relu(GroupNorm(conv1(z)))), 3x3 convolutions"},
             "loss": "(z * w).sum(), w ~ N(0, 1) / sqrt(numel), fixed; x, z0 ~ N(0, 1), fixed",
             "memory_headline": headline,
-            "memory": "saved_bytes: storages autograd saves for backward during the forward (saved_tensors_hooks), "
-                      "each once, f's parameters excluded; cuda_peak_bytes: torch.cuda.max_memory_allocated over "
+            "memory": "saved_bytes: storages autograd saves for backward during the method's forward up to z "
+                      "(saved_tensors_hooks; the loss's are not counted), each once, f's parameters excluded; "
+                      "cuda_peak_bytes: torch.cuda.max_memory_allocated over "
                       "forward + loss + backward above the allocation before it (CUDA only)",
             "time": "wall time of forward + loss + backward between device synchronisations (Python and launch "
                     "overhead included, as in training), after one warm-up step; methods sampled in turn",

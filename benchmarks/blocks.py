@@ -27,13 +27,16 @@ from torch import nn
 
 KINDS = ("transformer", "conv")
 GAIN = 0.5  # scale of each sublayer's last weight: keeps the iteration contracting at every size below
-# Presets: "gpu" is the size (d=512, seq 256, batch 8; 64 channels at 32x32), "cpu" keeps the full
-# run within minutes on two cores, "tiny" is for the tests.
+# Presets: "gpu" is the size (d=512, seq 256, batch 8; 64 channels at 32x32); "cpu" keeps the full run
+# within minutes on two cores while compute, not Python overhead, sets the step time; "small" is --quick on a
+# CPU (seconds); "tiny" is for the tests.
 SIZES = {
     "gpu": {"transformer": {"width": 512, "heads": 8, "seq": 256, "batch": 8},
             "conv": {"channels": 64, "groups": 8, "size": 32, "batch": 32}},
-    "cpu": {"transformer": {"width": 64, "heads": 4, "seq": 32, "batch": 8},
-            "conv": {"channels": 16, "groups": 4, "size": 16, "batch": 8}},
+    "cpu": {"transformer": {"width": 128, "heads": 4, "seq": 64, "batch": 8},
+            "conv": {"channels": 32, "groups": 8, "size": 32, "batch": 8}},
+    "small": {"transformer": {"width": 64, "heads": 4, "seq": 32, "batch": 8},
+              "conv": {"channels": 16, "groups": 4, "size": 16, "batch": 8}},
     "tiny": {"transformer": {"width": 16, "heads": 2, "seq": 8, "batch": 2},
              "conv": {"channels": 4, "groups": 2, "size": 6, "batch": 2}},
 }

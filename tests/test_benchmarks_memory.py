@@ -91,6 +91,9 @@ def test_revdeq_saves_the_same_bytes_at_any_depth_while_unrolled_grows_per_step(
         saved = {m: [by[kind, m, n]["saved_bytes"] for n in STEPS] for m in bench_memory.METHODS}
         print(kind, saved)
         assert saved["revdeq"][0] == saved["revdeq"][1] == saved["revdeq"][2] > 0
+        # What RevDEQ keeps: its two float64 states, z0 and x (float32), nothing per step.
+        numel = math.prod(next(f for f in quick_run[1]["config"]["f"] if f["f_kind"] == kind)["state_shape"])
+        assert saved["revdeq"][0] == 2 * 8 * numel + 2 * 4 * numel, (kind, numel)
         assert saved["torchdeq"][0] == saved["torchdeq"][2]
         for m in ("unrolled", "checkpoint"):  # each step keeps the same tensors: linear growth
             s = saved[m]
