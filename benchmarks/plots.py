@@ -99,6 +99,8 @@ def plot_memory(payload: dict, json_path: str) -> list:
     from matplotlib.ticker import FuncFormatter
 
     plain = FuncFormatter(lambda v, _: f"{v:g}")  # 200, not 2 x 10^2
+    # Between decades label only 2x and 5x: every minor tick labelled runs the labels together.
+    sparse = FuncFormatter(lambda v, _: f"{v:g}" if v > 0 and f"{v:.0e}"[0] in "25" else "")
     env, cfg, results = payload["env"], payload["config"], payload["results"]
     stem = os.path.splitext(json_path)[0]
     kinds = list(dict.fromkeys(r["f_kind"] for r in results))
@@ -126,7 +128,7 @@ def plot_memory(payload: dict, json_path: str) -> list:
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")
             ax.yaxis.set_major_formatter(plain)
-            ax.yaxis.set_minor_formatter(plain)
+            ax.yaxis.set_minor_formatter(sparse)
             ax.set_xticks(sorted({r["steps"] for r in here}), [str(n) for n in sorted({r["steps"] for r in here})])
             info = next(i for i in cfg["f"] if i["f_kind"] == kind)
             ax.set_title(f"{kind} block, state {tuple(info['state_shape'])}", fontsize=10)
