@@ -89,8 +89,8 @@ def memory_markdown(payload: dict, json_path: str) -> str:
     env, cfg = payload["env"], payload["config"]
     cuda = cfg["memory_headline"] == "cuda_peak_bytes"
     metric = ("peak CUDA memory of the step above what was allocated before it (`max_memory_allocated`)" if cuda
-              else "bytes autograd saves for the backward during the forward (`saved_tensors_hooks`; a CPU has "
-                   "no allocator statistics), f's parameters excluded")
+              else "bytes autograd saves for the backward during the method's forward (`saved_tensors_hooks`; a "
+                   "CPU has no allocator statistics), f's parameters and the loss's excluded")
     sizes = "; ".join(f"{i['f_kind']}: state {tuple(i['state_shape'])}, {i['parameters']:,} parameters"
                       for i in cfg["f"])
     summary = payload["summary"]
@@ -116,6 +116,11 @@ def memory_markdown(payload: dict, json_path: str) -> str:
                      f"{format_bytes(s['memory_hi'])} | {ratio} | {format_seconds(s['time_hi_s'])} | {vs} | {err} |")
     notes = ["*revdeq*: float64 states, reversible backward; *revdeq_exact*: `exact=True`, bit-exact reconstruction "
              "for m bits per element per half-step; *checkpoint*: `torch.utils.checkpoint` per step."]
+    drifts = [r["drift"] for r in payload["results"] if r["method"] == "revdeq" and r["steps"] == hi and r["drift"]]
+    if drifts and max(drifts) > 1e-3:
+        notes.append(f"At N={hi} RevDEQ's float64 states reconstruct the start with a relative drift up to "
+                     f"{max(drifts):.0e} (`info['drift']`): the early steps it garbles weigh little in the gradient "
+                     "of a contracting f, but the gradient error shows it; exact mode has no drift.")
     if "torchdeq" in cfg["methods"]:
         notes.append(f"*torchdeq*: `get_deq()` defaults at the same 2N evaluations; its gradient is the "
                      f"{cfg['torchdeq_gradient']}.")

@@ -133,6 +133,10 @@ def test_readme_section_from_the_json(quick_run):
     rows = [line for line in text.splitlines() if line.startswith("| transformer |") or line.startswith("| conv |")]
     assert len(rows) == len(blocks.KINDS) * len(bench_memory.METHODS)
     assert "| transformer | revdeq | " in text and "1.00x" in text and "phantom gradient" in text
+    assert "drift" not in text, "no drift at 3 steps: no drift note"
+    drifting = json.loads(json.dumps(payload))
+    next(r for r in drifting["results"] if (r["method"], r["steps"]) == ("revdeq", 3))["drift"] = 2.5e4
+    assert "reconstruct the start with a relative drift up to 2e+04" in readme.memory_markdown(drifting, str(path))
 
 
 def test_missing_torchdeq_is_recorded_as_skipped(monkeypatch, tmp_path):
