@@ -459,7 +459,8 @@ def _tf32_flags() -> dict:
 
 def measure(case, f64, steps, beta, names, repeats, device, skipped, get_deq) -> tuple:
     """Rows for every method in ``names`` at ``steps``, and the reference gradient's record; a method that
-    runs out of CUDA memory goes to ``skipped`` with the reason."""
+    runs out of CUDA memory, or exact mode on an f that is not bitwise deterministic, goes to ``skipped``
+    with the reason."""
     reference = reference_gradient(case, f64, steps, beta)
     methods = Methods(case, steps, beta, get_deq if "torchdeq" in names else None)
     rows, ran = [], []
@@ -470,6 +471,8 @@ def measure(case, f64, steps, beta, names, repeats, device, skipped, get_deq) ->
         except torch.cuda.OutOfMemoryError as exc:
             skipped.append({"method": method, "f_kind": case.kind, "steps": steps,
                             "reason": f"out of memory: {str(exc).splitlines()[0]}"})
+        except rk.fixed_point.FixedPointError as exc:  # exact mode on an f whose kernels are not deterministic
+            skipped.append({"method": method, "f_kind": case.kind, "steps": steps, "reason": str(exc)})
         if row is None:
             _free(device)  # outside the except block, whose traceback holds the failed step's graph
             continue

@@ -231,3 +231,37 @@ def test_cuda_peak_memory_is_flat_for_revdeq_and_grows_for_unrolled(tmp_path):
     for kind in blocks.KINDS:
         assert by[kind, "unrolled", 8] > 2 * by[kind, "unrolled", 2]
         assert by[kind, "revdeq", 8] <= 1.1 * by[kind, "revdeq", 2]
+
+
+class _Flaky(torch.nn.Module):
+    """f plus a perturbation that grows from call to call: not bitwise repeatable, as a GPU kernel using atomics
+    can be."""
+
+    def __init__(self, f):
+        super().__init__()
+        self.f, self.calls = f, 0
+
+    def forward(self, z, x):
+        self.calls += 1
+        return self.f(z, x) + 1e-3 * self.calls
+
+
+def test_exact_mode_on_a_nondeterministic_f_is_recorded(monkeypatch, tmp_path):
+    make_case = blocks.make_case
+
+    def flaky_case(*args, **kwargs):
+        case = make_case(*args, **kwargs)
+        case.f = _Flaky(case.f)
+        return case
+
+    monkeypatch.setattr(blocks, "make_case", flaky_case)
+    path = tmp_path / "memory.json"
+    # beta = 1/4 (p / 2^m = 1/4): 2^m - p = 3 lets the inverse detect a mismatch; at beta = 1/2 it cannot (2^m - p = 1)
+    # and a nondeterministic f shows as a drift above 0 instead (the drift column).
+    _run(["memory", *TINY, "--kinds", "conv", "--steps", "2", "--methods", "revdeq_exact,checkpoint", "--beta", "0.25",
+          "--output", str(path), "--no-plots"])
+    payload = json.loads(path.read_text())
+    assert [r["method"] for r in payload["results"]] == ["checkpoint"]
+    (skip,) = payload["skipped"]
+    assert (skip["method"], skip["f_kind"], skip["steps"]) == ("revdeq_exact", "conv", 2)
+    assert "exact mode" in skip["reason"] and "did not return the bits" in skip["reason"], skip["reason"]
