@@ -1,18 +1,55 @@
 """Shared cases for testing an exact-mode backend (relax_fixed_ / unrelax_fixed_) on any device.
 
-test_exact_triton.py and test_exact_cuda.py run these on their device. Integers leave no room for
-tolerances: state, remainder and status must equal the reference backend's (the oracle, itself
-checked against a big-integer model in test_exact_ops.py) with torch.equal, computed from the very
-same inputs on the same device. Inputs come from test_exact_ops.py's generators: fresh random
-values of both signs over 16 decades, with exact rounding ties.
+test_exact_ops.py, test_exact_triton.py and test_exact_cuda.py run these on their device. Integers leave
+no room for tolerances: state, remainder and status must equal the reference backend's (the oracle,
+itself checked against a big-integer model in test_exact_ops.py) with torch.equal, computed from the
+very same inputs on the same device. Inputs come from the generators below: fresh random values of
+both signs over 16 decades, with exact rounding ties.
 """
 
+import math
+
 import torch
-from test_exact_ops import BETAS, F_DTYPES, F, assert_equal, beta_id, random_f, random_state  # noqa: F401
 
 import revdeq_kernels as rk
 from revdeq_kernels import fixed_point as fxp
 from revdeq_kernels.fixed_point import LIMIT, DyadicBeta, FixedStatus
+
+# 13/16 and 1/2 are the issue's betas; 3/8 a small one; 255/256 needs all 8 bits and has 2^m - p = 1;
+# 21/16 and 511/256 are over-relaxations (negative 2^m - p); 1/256 is the smallest beta there is.
+BETAS = [DyadicBeta(13, 4), DyadicBeta(1, 1), DyadicBeta(3, 3), DyadicBeta(255, 8), DyadicBeta(21, 4),
+         DyadicBeta(511, 8), DyadicBeta(1, 8)]
+F_DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+F = fxp.DEFAULT_FRAC_BITS
+
+
+def beta_id(beta):
+    return f"{beta.p}_{1 << beta.m}"
+
+
+def random_f(n, dtype, g, frac_bits=F):
+    """n values of both signs spread over magnitudes 1e-12 .. 1e4 (1e2 for float16), with exact
+    rounding ties (k + 1/2) * 2^-F where the dtype can hold them."""
+    top = 2 if dtype == torch.float16 else 4
+    mag = 10.0 ** (torch.rand(n, generator=g, dtype=torch.float64) * (top + 12) - 12)
+    f = torch.randn(n, generator=g, dtype=torch.float64).sign() * mag
+    ties = (torch.randint(-100, 100, (n,), generator=g).double() + 0.5) * math.ldexp(1.0, -frac_bits)
+    f = torch.where(torch.rand(n, generator=g) < 0.1, ties, f)
+    return f.to(dtype)
+
+
+def random_state(n, g, frac_bits=F):
+    x = torch.randn(n, generator=g, dtype=torch.float64) * 10.0 ** torch.randint(-3, 4, (n,), generator=g)
+    return fxp.to_fixed(x, frac_bits)
+
+
+def assert_equal(got, want, what):
+    if not torch.equal(got, want):
+        bad = (got != want).reshape(-1)
+        first = int(bad.nonzero()[0]) if bad.any() else -1
+        raise AssertionError(f"{what}: {int(bad.sum())} of {bad.numel()} elements differ; first at {first}: "
+                             f"got {got.reshape(-1)[first].item()}, want {want.reshape(-1)[first].item()}")
+
 
 OUTPUTS = ("state", "remainder", "status")
 
@@ -142,3 +179,4 @@ def check_round_trip(backend, beta, device, n=1000, half_steps=64):
         rk.unrelax_fixed_(state, fs[k], beta, rem[k], status=status, backend=backend)
     fxp.check_status(status)
     assert_equal(state.cpu(), start.cpu(), f"{backend} beta={beta} after {half_steps} half-steps and back")
+
