@@ -22,10 +22,12 @@ from op_cases import (
     POINTWISE_OPS,
     SIZES,
     assert_close,
+    check_layouts,
     check_pointwise,
     check_residual,
     expected_pointwise,
     expected_residual,
+    opcheck_ops,
     pair_id,
 )
 from revdeq_kernels.backends import extension
@@ -66,10 +68,7 @@ def test_residual(n, pair):
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_layouts(layout, pair):
     # "offset" is x[1:] for both arguments: a scalar head realigns them and the rest is vectorized.
-    for n in (7, 70001):
-        for op in POINTWISE_OPS:
-            check_pointwise("cuda", op, n, pair, 0.8, DEVICE, layout)
-        check_residual("cuda", n, pair, DEVICE, layout)
+    check_layouts("cuda", layout, pair, DEVICE, sizes=(7, 70001))
 
 
 def _offset_pair(n, pair, state_offset, f_offset, seed=0):
@@ -188,12 +187,7 @@ def test_direct_op_call_checks_arguments():
 @pytest.mark.parametrize("pair", [(torch.float32, torch.float32), (torch.float64, torch.bfloat16),
                                   (torch.bfloat16, torch.bfloat16)], ids=pair_id)
 def test_opcheck(pair):
-    g = torch.Generator().manual_seed(3)
-    state = torch.randn(37, 5, generator=g).to(DEVICE, pair[0])
-    f = torch.randn(37, 5, generator=g).to(DEVICE, pair[1])
-    for op in (torch.ops.revdeq.relax_.default, torch.ops.revdeq.unrelax_.default):
-        torch.library.opcheck(op, (state.clone(), f, 0.8))
-    torch.library.opcheck(torch.ops.revdeq.residual.default, (state, f))
+    opcheck_ops("", pair, DEVICE)
 
 
 def test_torch_compile_fullgraph():
