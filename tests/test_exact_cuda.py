@@ -6,14 +6,11 @@ comparison is torch.equal on state, remainder and status, with the reference com
 device from the same inputs.
 """
 
-import os
-import shutil
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
+from cuda_cases import launch_after_a_late_write, run_compute_sanitizer, skip_if_cuda_build_skipped
 
 import revdeq_kernels as rk
 from exact_cases import (
@@ -37,11 +34,7 @@ from revdeq_kernels import fixed_point as fxp
 from revdeq_kernels.backends import extension
 from revdeq_kernels.fixed_point import DyadicBeta, FixedPointError, FixedStatus
 
-_SKIPPED_BUILD = next((v for v in ("REVDEQ_SKIP_BUILD", "REVDEQ_SKIP_CUDA_BUILD") if os.environ.get(v) == "1"), None)
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(_SKIPPED_BUILD is not None, reason=f"{_SKIPPED_BUILD}=1: installed without CUDA kernels"),
-]
+pytestmark = [pytest.mark.gpu, skip_if_cuda_build_skipped]
 
 DEVICE = "cuda"
 LARGE = 1 << 26
@@ -184,13 +177,7 @@ def test_runs_on_the_current_stream():
     rem = torch.zeros(fxp.remainder_shape(n, beta.m), dtype=torch.int32, device=DEVICE)
     want = run("relax_fixed_", "reference", state, new_f, beta, rem)
     status = fxp.new_status(DEVICE)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        torch.cuda._sleep(50_000_000)
-        f.copy_(new_f)
-        rk.relax_fixed_(state, f, beta, rem, status=status, backend="cuda")
-    torch.cuda.current_stream().wait_stream(side)
+    launch_after_a_late_write(f, new_f, lambda: rk.relax_fixed_(state, f, beta, rem, status=status, backend="cuda"))
     assert_same((state, rem, status), want, "side stream")
 
 
@@ -229,8 +216,7 @@ def test_more_than_2_31_elements():
 
 
 # A small run of both kernels over every f dtype, sizes around the word and tile boundaries, odd
-# offsets and bad elements. Under the sanitizer each allocation is its own cudaMalloc, so an access
-# past a tensor's end is caught instead of landing in the caching allocator's slack.
+# offsets and bad elements, run under compute-sanitizer by run_compute_sanitizer.
 _SANITIZER_SCRIPT = textwrap.dedent("""
     import torch
     import revdeq_kernels  # registers torch.ops.revdeq
@@ -250,23 +236,8 @@ _SANITIZER_SCRIPT = textwrap.dedent("""
 """)
 
 
-def _compute_sanitizer():
-    candidates = [shutil.which("compute-sanitizer")]
-    for home in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
-        if home:
-            candidates.append(os.path.join(home, "bin", "compute-sanitizer"))
-    return next((c for c in candidates if c and os.access(c, os.X_OK)), None)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("tool", ["memcheck", "synccheck"])
 def test_compute_sanitizer(tool):
-    sanitizer = _compute_sanitizer()
-    if sanitizer is None:
-        pytest.skip("compute-sanitizer not found (PATH, CUDA_HOME/bin, /usr/local/cuda/bin)")
-    env = dict(os.environ, PYTORCH_NO_CUDA_MEMORY_CACHING="1")
-    proc = subprocess.run([sanitizer, "--tool", tool, "--error-exitcode", "1", sys.executable, "-c", _SANITIZER_SCRIPT],
-                          capture_output=True, text=True, env=env, timeout=900)
-    output = proc.stdout + proc.stderr
-    assert proc.returncode == 0 and "sanitizer script done" in output, output[-6000:]
+    output = run_compute_sanitizer(tool, _SANITIZER_SCRIPT)
     assert "ERROR SUMMARY: 0 errors" in output, output[-6000:]
