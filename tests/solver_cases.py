@@ -1,5 +1,5 @@
-"""Shared pieces for the solver tests: a small DEQ cell, the unrolled-loop oracle, error measures and the
-bytes autograd saves.
+"""Shared pieces for the solver tests: a small DEQ cell, the unrolled-loop oracle, error measures, the
+bytes autograd saves, and a short training loop.
 
 The oracle is plain autograd through the same iteration the solver runs (same beta, same number of
 steps, same casts between state and f), so the reversible gradient must match it to rounding.
@@ -122,3 +122,16 @@ def saved_for_backward(run) -> tuple:
         out = run()
     return out, total[0], total[1]
 
+
+def train_with_adam(model, inp, labels, steps, lr=0.05) -> list:
+    """`steps` Adam steps on cross_entropy(model(inp)[0], labels); returns the loss before each step."""
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    losses = []
+    for _ in range(steps):
+        logits, _ = model(inp)
+        loss = F.cross_entropy(logits, labels)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
