@@ -1,18 +1,56 @@
 """Shared cases for testing an exact-mode backend (relax_fixed_ / unrelax_fixed_) on any device.
 
-test_exact_triton.py and test_exact_cuda.py run these on their device. Integers leave no room for
-tolerances: state, remainder and status must equal the reference backend's (the oracle, itself
-checked against a big-integer model in test_exact_ops.py) with torch.equal, computed from the very
-same inputs on the same device. Inputs come from test_exact_ops.py's generators: fresh random
-values of both signs over 16 decades, with exact rounding ties.
+test_exact_ops.py, test_exact_triton.py and test_exact_cuda.py run these on their device. Integers leave
+no room for tolerances: state, remainder and status must equal the reference backend's (the oracle,
+itself checked against a big-integer model in test_exact_ops.py) with torch.equal, computed from the
+very same inputs on the same device. Inputs come from the generators below: fresh random values of
+both signs over 16 decades, with exact rounding ties.
 """
 
+import math
+
+import pytest
 import torch
-from test_exact_ops import BETAS, F_DTYPES, F, assert_equal, beta_id, random_f, random_state  # noqa: F401
 
 import revdeq_kernels as rk
 from revdeq_kernels import fixed_point as fxp
-from revdeq_kernels.fixed_point import LIMIT, DyadicBeta, FixedStatus
+from revdeq_kernels.fixed_point import LIMIT, DyadicBeta, FixedPointError, FixedStatus
+
+# 13/16 and 1/2 are the issue's betas; 3/8 a small one; 255/256 needs all 8 bits and has 2^m - p = 1;
+# 21/16 and 511/256 are over-relaxations (negative 2^m - p); 1/256 is the smallest beta there is.
+BETAS = [DyadicBeta(13, 4), DyadicBeta(1, 1), DyadicBeta(3, 3), DyadicBeta(255, 8), DyadicBeta(21, 4),
+         DyadicBeta(511, 8), DyadicBeta(1, 8)]
+F_DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+F = fxp.DEFAULT_FRAC_BITS
+
+
+def beta_id(beta):
+    return f"{beta.p}_{1 << beta.m}"
+
+
+def random_f(n, dtype, g, frac_bits=F):
+    """n values of both signs spread over magnitudes 1e-12 .. 1e4 (1e2 for float16), with exact
+    rounding ties (k + 1/2) * 2^-F where the dtype can hold them."""
+    top = 2 if dtype == torch.float16 else 4
+    mag = 10.0 ** (torch.rand(n, generator=g, dtype=torch.float64) * (top + 12) - 12)
+    f = torch.randn(n, generator=g, dtype=torch.float64).sign() * mag
+    ties = (torch.randint(-100, 100, (n,), generator=g).double() + 0.5) * math.ldexp(1.0, -frac_bits)
+    f = torch.where(torch.rand(n, generator=g) < 0.1, ties, f)
+    return f.to(dtype)
+
+
+def random_state(n, g, frac_bits=F):
+    x = torch.randn(n, generator=g, dtype=torch.float64) * 10.0 ** torch.randint(-3, 4, (n,), generator=g)
+    return fxp.to_fixed(x, frac_bits)
+
+
+def assert_equal(got, want, what):
+    if not torch.equal(got, want):
+        bad = (got != want).reshape(-1)
+        first = int(bad.nonzero()[0]) if bad.any() else -1
+        raise AssertionError(f"{what}: {int(bad.sum())} of {bad.numel()} elements differ; first at {first}: "
+                             f"got {got.reshape(-1)[first].item()}, want {want.reshape(-1)[first].item()}")
+
 
 OUTPUTS = ("state", "remainder", "status")
 
@@ -142,3 +180,60 @@ def check_round_trip(backend, beta, device, n=1000, half_steps=64):
         rk.unrelax_fixed_(state, fs[k], beta, rem[k], status=status, backend=backend)
     fxp.check_status(status)
     assert_equal(state.cpu(), start.cpu(), f"{backend} beta={beta} after {half_steps} half-steps and back")
+
+
+def check_errors_raise_or_set_the_status(backend, device):
+    """Without a status, a non-finite f raises FixedPointError naming its first element; with one, nothing
+    raises and each call ORs its flags into what the status already holds.
+
+    Returns the (state, f, remainder) it used: state int64 (8,), f float32 (8,) with a NaN at index 3,
+    remainder int32 (4, 1), all on `device`, for the caller's own further checks."""
+    state = fxp.to_fixed(torch.linspace(-1, 1, 8)).to(device)
+    f = torch.linspace(0.5, 1.5, 8, device=device)
+    f[3] = float("nan")
+    rem = torch.zeros(4, 1, dtype=torch.int32, device=device)
+    with pytest.raises(FixedPointError, match=r"relax_fixed_: f_val has 1 non-finite elements \(first at index "
+                                              r"\(3,\): nan\)"):
+        rk.relax_fixed_(state.clone(), f, (13, 4), rem, backend=backend)
+    status = torch.tensor([FixedStatus.INVERSE_MISMATCH], dtype=torch.int32, device=device)
+    rk.relax_fixed_(state.clone(), f, (13, 4), rem, status=status, backend=backend)
+    rk.relax_fixed_(state.clone(), torch.full_like(f, 1e7), (13, 4), rem, status=status, backend=backend)
+    assert status.item() == FixedStatus.INVERSE_MISMATCH | FixedStatus.F_NOT_FINITE | FixedStatus.F_OUT_OF_RANGE
+    return state, f, rem
+
+
+def opcheck_fixed_ops(prefix, f_dtype, device):
+    """torch.library.opcheck on torch.ops.revdeq.<prefix>relax_fixed_ and <prefix>unrelax_fixed_ (prefix ""
+    for the compiled extension's ops, "triton_" for Triton's): an int64 (37, 5) state, an f of f_dtype,
+    and for the inverse a random remainder."""
+    g = torch.Generator().manual_seed(3)
+    state = random_state(37 * 5, g).view(37, 5).to(device)
+    f = random_f(37 * 5, f_dtype, g).view(37, 5).to(device)
+    rem = torch.zeros(4, 6, dtype=torch.int32, device=device)
+    torch.library.opcheck(getattr(torch.ops.revdeq, f"{prefix}relax_fixed_").default,
+                          (state.clone(), f, rem.clone(), fxp.new_status(device), 13, 4, 32))
+    torch.library.opcheck(getattr(torch.ops.revdeq, f"{prefix}unrelax_fixed_").default,
+                          (state.clone(), f, rem.random_(), fxp.new_status(device), 13, 4, 32))
+
+
+def check_compiled_half_steps(backend, compile_backend, device, n):
+    """Two forward half-steps and one inverse under torch.compile(fullgraph=True, backend=compile_backend),
+    sharing one status: state and first remainder equal one reference half-step, and the status stays 0."""
+    torch._dynamo.reset()
+    beta = DyadicBeta(13, 4)
+
+    @torch.compile(fullgraph=True, backend=compile_backend)
+    def half_steps(y, fz, rem, status):
+        rk.relax_fixed_(y, fz, beta, rem[0], status=status, backend=backend)
+        rk.relax_fixed_(y, fz, beta, rem[1], status=status, backend=backend)
+        rk.unrelax_fixed_(y, fz, beta, rem[1], status=status, backend=backend)
+
+    g = torch.Generator().manual_seed(4)
+    y, fz = random_state(n, g).to(device), random_f(n, torch.float32, g).to(device)
+    remainder = torch.zeros(fxp.remainder_shape(n, beta.m), dtype=torch.int32, device=device)
+    want = run("relax_fixed_", "reference", y, fz, beta, remainder)
+    rem, status = fxp.remainder_buffer(n, beta.m, 2, device=device), fxp.new_status(device)
+    half_steps(y, fz, rem, status)
+    assert_equal(y.cpu(), want[0].cpu(), f"compiled ({compile_backend})")
+    assert_equal(rem[0].cpu(), want[1].cpu(), f"compiled ({compile_backend}) remainder")
+    assert status.item() == 0

@@ -134,6 +134,27 @@ def check_residual(backend, n, pair, device, layout="contiguous", seed=0):
     assert torch.equal(got, again), f"{what}: two runs differ ({got.tolist()} vs {again.tolist()})"
 
 
+def check_layouts(backend, layout, pair, device, sizes):
+    """check_pointwise for both ops (beta 0.8) and check_residual, on `layout` views of each size in sizes."""
+    for n in sizes:
+        for op in POINTWISE_OPS:
+            check_pointwise(backend, op, n, pair, 0.8, device, layout)
+        check_residual(backend, n, pair, device, layout)
+
+
+def opcheck_ops(prefix, pair, device):
+    """torch.library.opcheck on torch.ops.revdeq.<prefix>relax_, <prefix>unrelax_ and <prefix>residual
+    (prefix "" for the compiled extension's ops, "triton_" for Triton's) with a (37, 5) state and f of
+    the (state dtype, f dtype) pair."""
+    g = torch.Generator().manual_seed(3)
+    state = torch.randn(37, 5, generator=g).to(device, pair[0])
+    f = torch.randn(37, 5, generator=g).to(device, pair[1])
+    ops = torch.ops.revdeq
+    for op in (getattr(ops, f"{prefix}relax_").default, getattr(ops, f"{prefix}unrelax_").default):
+        torch.library.opcheck(op, (state.clone(), f, 0.8))
+    torch.library.opcheck(getattr(ops, f"{prefix}residual").default, (state, f))
+
+
 def _indices_in_base(view, base):
     """Flat indices of base's storage that `view` covers (view and base share one storage)."""
     idx = torch.arange(base.numel(), device=base.device).view(base.shape)

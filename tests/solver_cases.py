@@ -1,8 +1,11 @@
-"""Shared pieces for the solver tests: a small DEQ cell, the unrolled-loop oracle, error measures.
+"""Shared pieces for the solver tests: a small DEQ cell, the unrolled-loop oracle, error measures, the
+bytes autograd saves, and a short training loop.
 
 The oracle is plain autograd through the same iteration the solver runs (same beta, same number of
 steps, same casts between state and f), so the reversible gradient must match it to rounding.
 """
+
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -72,3 +75,63 @@ def assert_grads_close(got, want, rtol, names):
 def randn(*shape, dtype=torch.float64, seed=0, requires_grad=False):
     g = torch.Generator().manual_seed(seed)
     return torch.randn(*shape, generator=g, dtype=torch.float64).to(dtype).requires_grad_(requires_grad)
+
+
+class GradientCase(NamedTuple):
+    cell: TanhCell
+    x: torch.Tensor
+    z0: torch.Tensor
+    weight: torch.Tensor
+    inputs: list
+    want_z: torch.Tensor
+    want: tuple
+
+
+def gradient_case(beta, steps) -> GradientCase:
+    """The float64 gradient problem the solver is held to: a TanhCell, x and z0 of shape (3, 6) that require
+    grad, a fixed weight of the same shape for the loss sum(z * weight), and the oracle, autograd through
+    `steps` steps of the unrolled loop from z0 with this beta.
+
+    want_z is the oracle's z[steps]; want holds the gradients of its loss with respect to inputs =
+    [x, z0, *cell.parameters()] (names x, z0, W, U, b).
+
+        case = gradient_case(0.8, 7)
+        z, _ = rk.reversible_fixed_point(case.cell, case.x, z0=case.z0, beta=0.8, max_steps=7, tol=None)
+        got = torch.autograd.grad((z * case.weight).sum(), case.inputs)
+    """
+    cell = TanhCell()
+    x = randn(3, 6, seed=1, requires_grad=True)
+    z0 = randn(3, 6, seed=2, requires_grad=True)
+    weight = randn(3, 6, seed=3)
+    inputs = [x, z0, *cell.parameters()]
+    want_z = unrolled(cell, x, z0, beta, steps)
+    want = torch.autograd.grad((want_z * weight).sum(), inputs)
+    return GradientCase(cell, x, z0, weight, inputs, want_z, want)
+
+
+def saved_for_backward(run) -> tuple:
+    """(output of run(), bytes, count) of the tensors autograd saves for backward while run() builds its graph."""
+    total = [0, 0]
+
+    def pack(t):
+        total[0] += t.numel() * t.element_size()
+        total[1] += 1
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = run()
+    return out, total[0], total[1]
+
+
+def train_with_adam(model, inp, labels, steps, lr=0.05) -> list:
+    """`steps` Adam steps on cross_entropy(model(inp)[0], labels); returns the loss before each step."""
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    losses = []
+    for _ in range(steps):
+        logits, _ = model(inp)
+        loss = F.cross_entropy(logits, labels)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses

@@ -6,7 +6,18 @@ import pytest
 import torch
 
 import revdeq_kernels as rk
-from op_cases import BETAS, DTYPE_PAIRS, LAYOUTS, POINTWISE_OPS, SIZES, check_pointwise, check_residual, pair_id
+from op_cases import (
+    BETAS,
+    DTYPE_PAIRS,
+    LAYOUTS,
+    POINTWISE_OPS,
+    SIZES,
+    check_layouts,
+    check_pointwise,
+    check_residual,
+    opcheck_ops,
+    pair_id,
+)
 from revdeq_kernels.backends import extension
 
 # A pure-Python install (REVDEQ_SKIP_BUILD=1) has no C++ backend to test; anywhere else a missing
@@ -41,10 +52,7 @@ def test_residual(n, pair):
                                   (torch.bfloat16, torch.bfloat16), (torch.float64, torch.float32)], ids=pair_id)
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_layouts(layout, pair):
-    for n in (7, 70001):
-        for op in POINTWISE_OPS:
-            check_pointwise("cpp", op, n, pair, 0.8, "cpu", layout)
-        check_residual("cpp", n, pair, "cpu", layout)
+    check_layouts("cpp", layout, pair, "cpu", sizes=(7, 70001))
 
 
 def test_residual_is_independent_of_thread_count():
@@ -63,12 +71,7 @@ def test_residual_is_independent_of_thread_count():
 @pytest.mark.parametrize("pair", [(torch.float32, torch.float32), (torch.float64, torch.bfloat16),
                                   (torch.bfloat16, torch.bfloat16)], ids=pair_id)
 def test_opcheck(pair):
-    g = torch.Generator().manual_seed(3)
-    state = torch.randn(37, 5, generator=g).to(pair[0])
-    f = torch.randn(37, 5, generator=g).to(pair[1])
-    for op in (torch.ops.revdeq.relax_.default, torch.ops.revdeq.unrelax_.default):
-        torch.library.opcheck(op, (state.clone(), f, 0.8))
-    torch.library.opcheck(torch.ops.revdeq.residual.default, (state, f))
+    opcheck_ops("", pair, "cpu")
 
 
 def test_direct_op_call_checks_arguments():

@@ -5,14 +5,11 @@ On a machine with a GPU, an extension built without its CUDA kernels fails here 
 (unless the build was skipped on purpose), as tests/test_cpp.py does for the CPU kernels.
 """
 
-import os
-import shutil
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
+from cuda_cases import launch_after_a_late_write, run_compute_sanitizer, skip_if_cuda_build_skipped
 
 import revdeq_kernels as rk
 from op_cases import (
@@ -22,19 +19,17 @@ from op_cases import (
     POINTWISE_OPS,
     SIZES,
     assert_close,
+    check_layouts,
     check_pointwise,
     check_residual,
     expected_pointwise,
     expected_residual,
+    opcheck_ops,
     pair_id,
 )
 from revdeq_kernels.backends import extension
 
-_SKIPPED_BUILD = next((v for v in ("REVDEQ_SKIP_BUILD", "REVDEQ_SKIP_CUDA_BUILD") if os.environ.get(v) == "1"), None)
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(_SKIPPED_BUILD is not None, reason=f"{_SKIPPED_BUILD}=1: installed without CUDA kernels"),
-]
+pytestmark = [pytest.mark.gpu, skip_if_cuda_build_skipped]
 
 DEVICE = "cuda"
 LARGE = 1 << 26
@@ -66,10 +61,7 @@ def test_residual(n, pair):
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_layouts(layout, pair):
     # "offset" is x[1:] for both arguments: a scalar head realigns them and the rest is vectorized.
-    for n in (7, 70001):
-        for op in POINTWISE_OPS:
-            check_pointwise("cuda", op, n, pair, 0.8, DEVICE, layout)
-        check_residual("cuda", n, pair, DEVICE, layout)
+    check_layouts("cuda", layout, pair, DEVICE, sizes=(7, 70001))
 
 
 def _offset_pair(n, pair, state_offset, f_offset, seed=0):
@@ -188,12 +180,7 @@ def test_direct_op_call_checks_arguments():
 @pytest.mark.parametrize("pair", [(torch.float32, torch.float32), (torch.float64, torch.bfloat16),
                                   (torch.bfloat16, torch.bfloat16)], ids=pair_id)
 def test_opcheck(pair):
-    g = torch.Generator().manual_seed(3)
-    state = torch.randn(37, 5, generator=g).to(DEVICE, pair[0])
-    f = torch.randn(37, 5, generator=g).to(DEVICE, pair[1])
-    for op in (torch.ops.revdeq.relax_.default, torch.ops.revdeq.unrelax_.default):
-        torch.library.opcheck(op, (state.clone(), f, 0.8))
-    torch.library.opcheck(torch.ops.revdeq.residual.default, (state, f))
+    opcheck_ops("", pair, DEVICE)
 
 
 def test_torch_compile_fullgraph():
@@ -221,14 +208,12 @@ def test_runs_on_the_current_stream():
     f = torch.zeros(n, device=DEVICE)
     new_f = torch.randn(n, device=DEVICE)
     want_state = 0.2 * state + 0.8 * new_f
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        torch.cuda._sleep(50_000_000)
-        f.copy_(new_f)
+
+    def launch():
         rk.relax_(state, f, 0.8, backend="cuda")
-        out = rk.residual(state, f, backend="cuda")
-    torch.cuda.current_stream().wait_stream(side)
+        return rk.residual(state, f, backend="cuda")
+
+    out = launch_after_a_late_write(f, new_f, launch)
     torch.testing.assert_close(state, want_state)
     torch.testing.assert_close(out, torch.stack([((want_state - new_f) ** 2).sum(), (new_f ** 2).sum()]),
                                rtol=1e-5, atol=0)
@@ -244,8 +229,7 @@ def test_tensors_on_another_device():
 
 
 # A small run of every kernel: each dtype pair, sizes around the pack and block boundaries, aligned
-# and misaligned views. Under the sanitizer, each allocation is its own cudaMalloc, so a read past a
-# tensor's end is caught instead of landing in the caching allocator's slack.
+# and misaligned views, run under compute-sanitizer by run_compute_sanitizer.
 _SANITIZER_SCRIPT = textwrap.dedent("""
     import torch
     import revdeq_kernels  # registers torch.ops.revdeq
@@ -265,23 +249,8 @@ _SANITIZER_SCRIPT = textwrap.dedent("""
 """)
 
 
-def _compute_sanitizer():
-    candidates = [shutil.which("compute-sanitizer")]
-    for home in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
-        if home:
-            candidates.append(os.path.join(home, "bin", "compute-sanitizer"))
-    return next((c for c in candidates if c and os.access(c, os.X_OK)), None)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("tool", ["memcheck", "racecheck"])
 def test_compute_sanitizer(tool):
-    sanitizer = _compute_sanitizer()
-    if sanitizer is None:
-        pytest.skip("compute-sanitizer not found (PATH, CUDA_HOME/bin, /usr/local/cuda/bin)")
-    env = dict(os.environ, PYTORCH_NO_CUDA_MEMORY_CACHING="1")
-    proc = subprocess.run([sanitizer, "--tool", tool, "--error-exitcode", "1", sys.executable, "-c", _SANITIZER_SCRIPT],
-                          capture_output=True, text=True, env=env, timeout=900)
-    output = proc.stdout + proc.stderr
-    assert proc.returncode == 0 and "sanitizer script done" in output, output[-6000:]
+    output = run_compute_sanitizer(tool, _SANITIZER_SCRIPT)
     assert "ERROR SUMMARY: 0 errors" in output or "RACECHECK SUMMARY: 0 hazards" in output, output[-6000:]

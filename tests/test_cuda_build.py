@@ -10,7 +10,6 @@
 """
 
 import glob
-import importlib.util
 import os
 import shutil
 import subprocess
@@ -19,8 +18,8 @@ import sysconfig
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+from cuda_cases import HOST_EXPECT, ROOT, load_cuda_check, run_host_program
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARCHS = ("sm_80", "sm_90")
 KERNELS = ("affine_update_kernel", "residual_kernel", "multi_affine_kernel", "multi_residual_kernel")
 # The (state, f) template arguments every kernel is instantiated for: tests/op_cases.py DTYPE_PAIRS.
@@ -34,14 +33,7 @@ EXPECTED_KERNELS = [f"{kernel}<{pair}>" for kernel in KERNELS for pair in PAIRS]
 LAUNCHERS = ("ops_cuda.cpp", "fixed_cuda.cpp", "multi_cuda.cpp")
 
 
-def _load_cuda_check():
-    spec = importlib.util.spec_from_file_location("cuda_check", os.path.join(ROOT, "tools", "cuda_check.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-cuda_check = _load_cuda_check()
+cuda_check = load_cuda_check()
 NVCC = cuda_check.find_nvcc()
 pytestmark = pytest.mark.skipif(NVCC is None, reason="nvcc not found (PATH, CUDA_HOME, /usr/local/cuda): "
                                 "the CUDA kernels cannot be compiled on this machine")
@@ -86,11 +78,7 @@ SPAN_CHECK = r"""
 #include "cuda/common.cuh"
 
 using namespace revdeq::cuda;
-static int failures = 0;
-#define EXPECT(cond, ...) \
-  do { \
-    if (!(cond) && ++failures <= 20) { std::printf(__VA_ARGS__); std::printf("\n"); } \
-  } while (0)
+""" + HOST_EXPECT + r"""
 
 template <typename S, typename F>
 void check_pair(const char* name) {
@@ -193,11 +181,7 @@ FIXED_PACK_CHECK = r"""
 #include "cuda/fixed_pack.cuh"
 
 using namespace revdeq::cuda::fixed_pack;
-static int failures = 0;
-#define EXPECT(cond, ...) \
-  do { \
-    if (!(cond) && ++failures <= 20) { std::printf(__VA_ARGS__); std::printf("\n"); } \
-  } while (0)
+""" + HOST_EXPECT + r"""
 
 // transpose_bits as the warp runs it: every lane takes each step with its partner's row.
 static void transpose(uint32_t (&rows)[kLanes]) {
@@ -250,21 +234,8 @@ int main() {
 """
 
 
-def _run_host_check(workdir, name, program):
-    source = os.path.join(workdir, f"{name}.cu")
-    binary = os.path.join(workdir, name)
-    with open(source, "w") as fh:
-        fh.write(program)
-    cmd = [NVCC, "-std=c++17", "-O1", f"-I{os.path.join(ROOT, 'csrc')}", source, "-o", binary]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        return proc.returncode, f"$ {' '.join(cmd)}\n{proc.stdout}{proc.stderr}"
-    run = subprocess.run([binary], capture_output=True, text=True)
-    return run.returncode, run.stdout + run.stderr
-
-
 def _run_span_check(workdir):
-    return _run_host_check(workdir, "span_check", SPAN_CHECK)
+    return run_host_program(NVCC, workdir, "span_check", SPAN_CHECK)
 
 
 @pytest.fixture(scope="module")
@@ -275,7 +246,7 @@ def compiled(tmp_path_factory):
         report = pool.submit(cuda_check.check, "8.0;9.0", NVCC)
         launchers = {name: pool.submit(_syntax_check_launcher, name) for name in LAUNCHERS}
         span = pool.submit(_run_span_check, workdir)
-        pack = pool.submit(_run_host_check, workdir, "fixed_pack_check", FIXED_PACK_CHECK)
+        pack = pool.submit(run_host_program, NVCC, workdir, "fixed_pack_check", FIXED_PACK_CHECK)
         return {"report": report.result(), "span": span.result(), "pack": pack.result(),
                 **{name: future.result() for name, future in launchers.items()}}
 

@@ -5,6 +5,7 @@ from solver_cases import (
     TanhCell,
     assert_grads_close,
     randn,
+    saved_for_backward,
     single_threaded,  # noqa: F401 (an autouse fixture)
     unrolled,
 )
@@ -24,22 +25,13 @@ def test_eval_mode_input_gradient_equals_unrolled_autograd_with_frozen_parameter
     assert deq.info["drift"] < 1e-9
 
 
-def _saved_bytes(run):
-    """(output of run(), bytes autograd saved for backward while run() built its graph)."""
-    sizes = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: sizes.append(t.numel() * t.element_size()) or t,
-                                                  lambda t: t):
-        out = run()
-    return out, sum(sizes)
-
-
 def test_eval_mode_saves_the_same_bytes_for_8_and_64_steps():
     cell = TanhCell(dim=16)
     x = randn(4, 16, seed=1, requires_grad=True)
     saved = {}
     for steps in (8, 64):
         deq = rk.RevDEQ(cell, beta=0.5, max_steps=steps, tol=None).eval()
-        z, saved[steps] = _saved_bytes(lambda d=deq: d(x))
+        z, saved[steps], _ = saved_for_backward(lambda d=deq: d(x))
         got = torch.autograd.grad(z.sum(), x)
         want = torch.autograd.grad(unrolled(cell, x, torch.zeros_like(x), 0.5, steps).sum(), x)
         assert_grads_close(got, want, 1e-9, [f"x ({steps} steps)"])

@@ -6,27 +6,26 @@ comparison is torch.equal on state, remainder and status, with the reference com
 device from the same inputs.
 """
 
-import os
-import shutil
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
+from cuda_cases import launch_after_a_late_write, run_compute_sanitizer, skip_if_cuda_build_skipped
 
 import revdeq_kernels as rk
 from exact_cases import (
     BETAS,
     F_DTYPES,
     LAYOUTS,
-    assert_equal,
     assert_same,
     beta_id,
     check_against_reference,
     check_bad_elements,
+    check_compiled_half_steps,
+    check_errors_raise_or_set_the_status,
     check_layout,
     check_round_trip,
+    opcheck_fixed_ops,
     random_f,
     random_state,
     run,
@@ -35,11 +34,7 @@ from revdeq_kernels import fixed_point as fxp
 from revdeq_kernels.backends import extension
 from revdeq_kernels.fixed_point import DyadicBeta, FixedPointError, FixedStatus
 
-_SKIPPED_BUILD = next((v for v in ("REVDEQ_SKIP_BUILD", "REVDEQ_SKIP_CUDA_BUILD") if os.environ.get(v) == "1"), None)
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(_SKIPPED_BUILD is not None, reason=f"{_SKIPPED_BUILD}=1: installed without CUDA kernels"),
-]
+pytestmark = [pytest.mark.gpu, skip_if_cuda_build_skipped]
 
 DEVICE = "cuda"
 LARGE = 1 << 26
@@ -112,17 +107,7 @@ def test_256_half_steps_reverse_bit_exactly(beta):
 
 
 def test_errors_raise_and_status_is_ored():
-    state = fxp.to_fixed(torch.linspace(-1, 1, 8)).to(DEVICE)
-    f = torch.linspace(0.5, 1.5, 8, device=DEVICE)
-    f[3] = float("nan")
-    rem = torch.zeros(4, 1, dtype=torch.int32, device=DEVICE)
-    with pytest.raises(FixedPointError, match=r"relax_fixed_: f_val has 1 non-finite elements \(first at index "
-                                              r"\(3,\): nan\)"):
-        rk.relax_fixed_(state.clone(), f, (13, 4), rem, backend="cuda")
-    status = torch.tensor([FixedStatus.INVERSE_MISMATCH], dtype=torch.int32, device=DEVICE)
-    rk.relax_fixed_(state.clone(), f, (13, 4), rem, status=status, backend="cuda")
-    rk.relax_fixed_(state.clone(), torch.full_like(f, 1e7), (13, 4), rem, status=status, backend="cuda")
-    assert status.item() == FixedStatus.INVERSE_MISMATCH | FixedStatus.F_NOT_FINITE | FixedStatus.F_OUT_OF_RANGE
+    check_errors_raise_or_set_the_status("cuda", DEVICE)
     y = fxp.to_fixed(torch.randn(1000, dtype=torch.float64)).to(DEVICE)
     rem = torch.zeros(4, 32, dtype=torch.int32, device=DEVICE)
     fz = torch.randn(1000, dtype=torch.float64, device=DEVICE)
@@ -174,35 +159,12 @@ def test_direct_op_call_checks_arguments():
 
 @pytest.mark.parametrize("f_dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_opcheck(f_dtype):
-    g = torch.Generator().manual_seed(3)
-    state = random_state(37 * 5, g).view(37, 5).to(DEVICE)
-    f = random_f(37 * 5, f_dtype, g).view(37, 5).to(DEVICE)
-    rem = torch.zeros(4, 6, dtype=torch.int32, device=DEVICE)
-    torch.library.opcheck(torch.ops.revdeq.relax_fixed_.default,
-                          (state.clone(), f, rem.clone(), fxp.new_status(DEVICE), 13, 4, 32))
-    torch.library.opcheck(torch.ops.revdeq.unrelax_fixed_.default,
-                          (state.clone(), f, rem.random_(), fxp.new_status(DEVICE), 13, 4, 32))
+    opcheck_fixed_ops("", f_dtype, DEVICE)
 
 
 @pytest.mark.parametrize("compile_backend", ["aot_eager", "inductor"])
 def test_torch_compile_fullgraph(compile_backend):
-    torch._dynamo.reset()
-    beta = DyadicBeta(13, 4)
-
-    @torch.compile(fullgraph=True, backend=compile_backend)
-    def half_steps(y, fz, rem, status):
-        rk.relax_fixed_(y, fz, beta, rem[0], status=status, backend="cuda")
-        rk.relax_fixed_(y, fz, beta, rem[1], status=status, backend="cuda")
-        rk.unrelax_fixed_(y, fz, beta, rem[1], status=status, backend="cuda")
-
-    g = torch.Generator().manual_seed(4)
-    y, fz = random_state(4097, g).to(DEVICE), random_f(4097, torch.float32, g).to(DEVICE)
-    want = run("relax_fixed_", "reference", y, fz, beta, torch.zeros(4, 129, dtype=torch.int32, device=DEVICE))
-    rem, status = fxp.remainder_buffer(4097, 4, 2, device=DEVICE), fxp.new_status(DEVICE)
-    half_steps(y, fz, rem, status)
-    assert_equal(y.cpu(), want[0].cpu(), f"compiled ({compile_backend})")
-    assert_equal(rem[0].cpu(), want[1].cpu(), f"compiled ({compile_backend}) remainder")
-    assert status.item() == 0
+    check_compiled_half_steps("cuda", compile_backend, DEVICE, n=4097)
 
 
 def test_runs_on_the_current_stream():
@@ -215,13 +177,7 @@ def test_runs_on_the_current_stream():
     rem = torch.zeros(fxp.remainder_shape(n, beta.m), dtype=torch.int32, device=DEVICE)
     want = run("relax_fixed_", "reference", state, new_f, beta, rem)
     status = fxp.new_status(DEVICE)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        torch.cuda._sleep(50_000_000)
-        f.copy_(new_f)
-        rk.relax_fixed_(state, f, beta, rem, status=status, backend="cuda")
-    torch.cuda.current_stream().wait_stream(side)
+    launch_after_a_late_write(f, new_f, lambda: rk.relax_fixed_(state, f, beta, rem, status=status, backend="cuda"))
     assert_same((state, rem, status), want, "side stream")
 
 
@@ -260,8 +216,7 @@ def test_more_than_2_31_elements():
 
 
 # A small run of both kernels over every f dtype, sizes around the word and tile boundaries, odd
-# offsets and bad elements. Under the sanitizer each allocation is its own cudaMalloc, so an access
-# past a tensor's end is caught instead of landing in the caching allocator's slack.
+# offsets and bad elements, run under compute-sanitizer by run_compute_sanitizer.
 _SANITIZER_SCRIPT = textwrap.dedent("""
     import torch
     import revdeq_kernels  # registers torch.ops.revdeq
@@ -281,23 +236,8 @@ _SANITIZER_SCRIPT = textwrap.dedent("""
 """)
 
 
-def _compute_sanitizer():
-    candidates = [shutil.which("compute-sanitizer")]
-    for home in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
-        if home:
-            candidates.append(os.path.join(home, "bin", "compute-sanitizer"))
-    return next((c for c in candidates if c and os.access(c, os.X_OK)), None)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("tool", ["memcheck", "synccheck"])
 def test_compute_sanitizer(tool):
-    sanitizer = _compute_sanitizer()
-    if sanitizer is None:
-        pytest.skip("compute-sanitizer not found (PATH, CUDA_HOME/bin, /usr/local/cuda/bin)")
-    env = dict(os.environ, PYTORCH_NO_CUDA_MEMORY_CACHING="1")
-    proc = subprocess.run([sanitizer, "--tool", tool, "--error-exitcode", "1", sys.executable, "-c", _SANITIZER_SCRIPT],
-                          capture_output=True, text=True, env=env, timeout=900)
-    output = proc.stdout + proc.stderr
-    assert proc.returncode == 0 and "sanitizer script done" in output, output[-6000:]
+    output = run_compute_sanitizer(tool, _SANITIZER_SCRIPT)
     assert "ERROR SUMMARY: 0 errors" in output, output[-6000:]

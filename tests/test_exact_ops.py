@@ -14,42 +14,17 @@ import pytest
 import torch
 
 import revdeq_kernels as rk
+from exact_cases import BETAS, F_DTYPES, F, assert_equal, beta_id, check_round_trip, random_f, random_state
 from revdeq_kernels import backends, ops
 from revdeq_kernels import fixed_point as fxp
 from revdeq_kernels.backends import extension
 from revdeq_kernels.fixed_point import LIMIT, DyadicBeta, FixedPointError, FixedStatus
 
-# 13/16 and 1/2 are the issue's betas; 3/8 a small one; 255/256 needs all 8 bits and has 2^m - p = 1;
-# 21/16 and 511/256 are over-relaxations (negative 2^m - p); 1/256 is the smallest beta there is.
-BETAS = [DyadicBeta(13, 4), DyadicBeta(1, 1), DyadicBeta(3, 3), DyadicBeta(255, 8), DyadicBeta(21, 4),
-         DyadicBeta(511, 8), DyadicBeta(1, 8)]
 SIZES = [1, 7, 100, 1023, (1 << 20) + 3]
-F_DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
-F = fxp.DEFAULT_FRAC_BITS
 
 needs_cpp = pytest.mark.skipif(os.environ.get("REVDEQ_SKIP_BUILD") == "1",
                                reason="REVDEQ_SKIP_BUILD=1: installed without the C++ extension")
 COMPILED = [pytest.param("cpp", marks=needs_cpp)]
-
-
-def beta_id(beta):
-    return f"{beta.p}_{1 << beta.m}"
-
-
-def random_f(n, dtype, g, frac_bits=F):
-    """n values of both signs spread over magnitudes 1e-12 .. 1e4 (1e2 for float16), with exact
-    rounding ties (k + 1/2) * 2^-F where the dtype can hold them."""
-    top = 2 if dtype == torch.float16 else 4
-    mag = 10.0 ** (torch.rand(n, generator=g, dtype=torch.float64) * (top + 12) - 12)
-    f = torch.randn(n, generator=g, dtype=torch.float64).sign() * mag
-    ties = (torch.randint(-100, 100, (n,), generator=g).double() + 0.5) * math.ldexp(1.0, -frac_bits)
-    f = torch.where(torch.rand(n, generator=g) < 0.1, ties, f)
-    return f.to(dtype)
-
-
-def random_state(n, g, frac_bits=F):
-    x = torch.randn(n, generator=g, dtype=torch.float64) * 10.0 ** torch.randint(-3, 4, (n,), generator=g)
-    return fxp.to_fixed(x, frac_bits)
 
 
 def run(op, backend, state, f, beta, remainder, frac_bits=F):
@@ -57,14 +32,6 @@ def run(op, backend, state, f, beta, remainder, frac_bits=F):
     state, remainder, status = state.clone(), remainder.clone(), fxp.new_status()
     getattr(rk, op)(state, f, beta, remainder, frac_bits=frac_bits, status=status, backend=backend)
     return state, remainder, status
-
-
-def assert_equal(got, want, what):
-    if not torch.equal(got, want):
-        bad = (got != want).reshape(-1)
-        first = int(bad.nonzero()[0]) if bad.any() else -1
-        raise AssertionError(f"{what}: {int(bad.sum())} of {bad.numel()} elements differ; first at {first}: "
-                             f"got {got.reshape(-1)[first].item()}, want {want.reshape(-1)[first].item()}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -325,20 +292,7 @@ def test_layouts_follow_row_major_element_order(backend):
 @pytest.mark.parametrize("beta", [DyadicBeta(13, 4), DyadicBeta(1, 1), DyadicBeta(21, 4), DyadicBeta(255, 8)],
                          ids=beta_id)
 def test_256_half_steps_reverse_bit_exactly(backend, beta):
-    g = torch.Generator().manual_seed(beta.p)
-    n, half_steps = 1000, 256
-    start = random_state(n, g)
-    fs = [random_f(n, torch.float32, g).clamp(-50, 50) for _ in range(half_steps)]  # keeps 21/16 in range
-    rem, status = fxp.remainder_buffer(n, beta.m, half_steps), fxp.new_status()
-    state = start.clone()
-    for k in range(half_steps):
-        rk.relax_fixed_(state, fs[k], beta, rem[k], status=status, backend=backend)
-    fxp.check_status(status)
-    assert not torch.equal(state, start)
-    for k in reversed(range(half_steps)):
-        rk.unrelax_fixed_(state, fs[k], beta, rem[k], status=status, backend=backend)
-    fxp.check_status(status)
-    assert_equal(state, start, f"{backend} beta={beta} after {half_steps} half-steps and back")
+    check_round_trip(backend, beta, "cpu", n=1000, half_steps=256)
 
 
 @needs_cpp

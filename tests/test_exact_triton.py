@@ -20,20 +20,22 @@ from exact_cases import (
     BETAS,
     F_DTYPES,
     LAYOUTS,
-    assert_equal,
     assert_same,
     beta_id,
     check_against_reference,
     check_bad_elements,
+    check_compiled_half_steps,
+    check_errors_raise_or_set_the_status,
     check_layout,
     check_round_trip,
+    opcheck_fixed_ops,
     random_f,
     random_state,
     run,
 )
 from revdeq_kernels import fixed_point as fxp
 from revdeq_kernels.backends import triton as triton_backend
-from revdeq_kernels.fixed_point import DyadicBeta, FixedPointError, FixedStatus
+from revdeq_kernels.fixed_point import DyadicBeta
 
 if triton_backend.kernels is None:  # the test extra installs triton: its absence is a broken environment
     pytest.fail(f"the Triton backend cannot load: {triton_backend.unavailable_reason('cpu')}", pytrace=False)
@@ -99,17 +101,7 @@ def test_frac_bits_other_than_the_default():
 
 
 def test_errors_raise_and_status_defers_them():
-    state = fxp.to_fixed(torch.linspace(-1, 1, 8)).to(DEVICE)
-    f = torch.linspace(0.5, 1.5, 8, device=DEVICE)
-    f[3] = float("nan")
-    rem = torch.zeros(4, 1, dtype=torch.int32, device=DEVICE)
-    with pytest.raises(FixedPointError, match=r"relax_fixed_: f_val has 1 non-finite elements \(first at index "
-                                              r"\(3,\): nan\)"):
-        rk.relax_fixed_(state.clone(), f, (13, 4), rem, backend="triton")
-    status = torch.tensor([FixedStatus.INVERSE_MISMATCH], dtype=torch.int32, device=DEVICE)
-    rk.relax_fixed_(state.clone(), f, (13, 4), rem, status=status, backend="triton")
-    rk.relax_fixed_(state.clone(), torch.full_like(f, 1e7), (13, 4), rem, status=status, backend="triton")
-    assert status.item() == FixedStatus.INVERSE_MISMATCH | FixedStatus.F_NOT_FINITE | FixedStatus.F_OUT_OF_RANGE
+    state, f, rem = check_errors_raise_or_set_the_status("triton", DEVICE)
     good = fxp.new_status(DEVICE)
     rk.relax_fixed_(state.clone(), f.nan_to_num(0.0), (13, 4), rem, status=good, backend="triton")
     assert good.item() == 0, "a clean call must leave the status alone"
@@ -214,38 +206,11 @@ def test_direct_op_calls_on_empty_tensors():
 
 @pytest.mark.parametrize("f_dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_opcheck(f_dtype):
-    g = torch.Generator().manual_seed(3)
-    state = random_state(37 * 5, g).view(37, 5).to(DEVICE)
-    f = random_f(37 * 5, f_dtype, g).view(37, 5).to(DEVICE)
-    rem = torch.zeros(4, 6, dtype=torch.int32, device=DEVICE)
-    torch.library.opcheck(torch.ops.revdeq.triton_relax_fixed_.default,
-                          (state.clone(), f, rem.clone(), fxp.new_status(DEVICE), 13, 4, 32))
-    torch.library.opcheck(torch.ops.revdeq.triton_unrelax_fixed_.default,
-                          (state.clone(), f, rem.random_(generator=None), fxp.new_status(DEVICE), 13, 4, 32))
-
-
-def _compile_and_check(compile_backend):
-    torch._dynamo.reset()
-    beta = DyadicBeta(13, 4)
-
-    @torch.compile(fullgraph=True, backend=compile_backend)
-    def half_steps(y, fz, rem, status):
-        rk.relax_fixed_(y, fz, beta, rem[0], status=status, backend="triton")
-        rk.relax_fixed_(y, fz, beta, rem[1], status=status, backend="triton")
-        rk.unrelax_fixed_(y, fz, beta, rem[1], status=status, backend="triton")
-
-    g = torch.Generator().manual_seed(4)
-    y, fz = random_state(257, g).to(DEVICE), random_f(257, torch.float32, g).to(DEVICE)
-    want = run("relax_fixed_", "reference", y, fz, beta, torch.zeros(4, 9, dtype=torch.int32, device=DEVICE))
-    rem, status = fxp.remainder_buffer(257, 4, 2, device=DEVICE), fxp.new_status(DEVICE)
-    half_steps(y, fz, rem, status)
-    assert_equal(y.cpu(), want[0].cpu(), f"compiled ({compile_backend})")
-    assert_equal(rem[0].cpu(), want[1].cpu(), f"compiled ({compile_backend}) remainder")
-    assert status.item() == 0
+    opcheck_fixed_ops("triton_", f_dtype, DEVICE)
 
 
 def test_torch_compile_fullgraph():
-    _compile_and_check("aot_eager")
+    check_compiled_half_steps("triton", "aot_eager", DEVICE, n=257)
 
 
 def test_backend_reports_exact_mode():
@@ -345,7 +310,7 @@ def test_gpu_every_f_dtype_at_odd_sizes(f_dtype):
 
 @pytest.mark.gpu
 def test_gpu_torch_compile_fullgraph_inductor():
-    _compile_and_check("inductor")
+    check_compiled_half_steps("triton", "inductor", DEVICE, n=257)
 
 
 @pytest.mark.gpu

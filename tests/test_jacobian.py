@@ -32,6 +32,16 @@ def equilibrium(f, x):
     return z
 
 
+def exact_and_estimated_radius(dim, batch, radius, iters):
+    """(exact spectral radius of df/dz, spectral_radius's estimate from `iters` products) at the fixed
+    point of tanh_layer(dim, radius) for a (batch, dim) x."""
+    f = tanh_layer(dim, radius, seed=int(10 * radius))
+    x = randn(batch, dim, seed=1)
+    z = equilibrium(f, x)
+    exact = torch.linalg.eigvals(exact_jacobian(f, z, x)).abs().max().item()
+    return exact, rk.spectral_radius(f, z, x, iters=iters, generator=torch.Generator().manual_seed(0))
+
+
 # ---------------------------------------------------------------------------------------------
 # jacobian_penalty
 
@@ -136,11 +146,7 @@ def test_bad_input_is_named(call, error, match):
 @pytest.mark.parametrize("radius", [0.5, 0.9, 1.5])
 def test_radius_is_exact_when_the_krylov_space_is_everything(radius):
     # iters >= numel: Arnoldi's subspace is the whole space, so its Ritz values are the eigenvalues.
-    f = tanh_layer(8, radius, seed=int(10 * radius))
-    x = randn(1, 8, seed=1)
-    z = equilibrium(f, x)
-    exact = torch.linalg.eigvals(exact_jacobian(f, z, x)).abs().max().item()
-    got = rk.spectral_radius(f, z, x, iters=8, generator=torch.Generator().manual_seed(0))
+    exact, got = exact_and_estimated_radius(8, 1, radius, iters=8)
     print(f"W radius {radius}: df/dz radius {exact:.12f}, estimate {got:.12f}")
     assert abs(got - exact) <= 1e-10 * exact
 
@@ -151,11 +157,7 @@ def test_radius_estimate_of_a_larger_batched_layer(radius):
     # Ritz value, so the comparison needs a tolerance: 3%, where the errors measured are below 0.5%
     # (plain power iteration with the same 30 products misses by 1-6% on these three layers: their
     # eigenvalues fill a disc, with no gap below the largest).
-    f = tanh_layer(64, radius, seed=int(10 * radius))
-    x = randn(2, 64, seed=1)
-    z = equilibrium(f, x)
-    exact = torch.linalg.eigvals(exact_jacobian(f, z, x)).abs().max().item()
-    got = rk.spectral_radius(f, z, x, iters=30, generator=torch.Generator().manual_seed(0))
+    exact, got = exact_and_estimated_radius(64, 2, radius, iters=30)
     print(f"W radius {radius}: df/dz radius {exact:.5f}, estimate {got:.5f}, error {abs(got / exact - 1):.2e}")
     assert abs(got - exact) <= 0.03 * exact
 

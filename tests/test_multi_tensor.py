@@ -14,6 +14,7 @@ import subprocess
 
 import pytest
 import torch
+from cuda_cases import HOST_EXPECT, load_cuda_check, run_host_program
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import revdeq_kernels as rk
@@ -632,11 +633,7 @@ GEOMETRY_CHECK = r"""
 #include "cuda/multi.cu"
 
 using namespace revdeq::cuda;
-static int failures = 0;
-#define EXPECT(cond, ...) \
-  do { \
-    if (!(cond) && ++failures <= 20) { std::printf(__VA_ARGS__); std::printf("\n"); } \
-  } while (0)
+""" + HOST_EXPECT + r"""
 
 template <typename S, typename F>
 void check(const char* name) {
@@ -760,28 +757,13 @@ int main() {
 """
 
 
-def _nvcc():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("cuda_check", os.path.join(ROOT, "tools", "cuda_check.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.find_nvcc()
-
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-NVCC = _nvcc()
+NVCC = load_cuda_check().find_nvcc()
 
 
 @pytest.mark.skipif(NVCC is None, reason="nvcc not found (PATH, CUDA_HOME, /usr/local/cuda): the CUDA chunk "
                     "geometry cannot be compiled on this machine")
 def test_cuda_chunks_cover_every_element_once(tmp_path):
-    source, binary = tmp_path / "geometry.cu", tmp_path / "geometry"
-    source.write_text(GEOMETRY_CHECK)
     # multi.cu itself is included (for its launch planning), device code and all: one arch is enough.
-    cmd = [NVCC, "-std=c++17", "-O1", "-gencode=arch=compute_90,code=sm_90", f"-I{os.path.join(ROOT, 'csrc')}",
-           str(source), "-o", str(binary)]
-    build = subprocess.run(cmd, capture_output=True, text=True)
-    assert build.returncode == 0, f"$ {' '.join(cmd)}\n{build.stdout}{build.stderr}"
-    run = subprocess.run([str(binary)], capture_output=True, text=True)
-    assert run.returncode == 0 and "geometry check OK" in run.stdout, run.stdout + run.stderr
+    rc, output = run_host_program(NVCC, str(tmp_path), "geometry", GEOMETRY_CHECK,
+                                  flags=("-gencode=arch=compute_90,code=sm_90",))
+    assert rc == 0 and "geometry check OK" in output, output

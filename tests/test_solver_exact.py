@@ -16,8 +16,10 @@ import torch.nn.functional as F
 from solver_cases import (
     TanhCell,
     assert_grads_close,
+    gradient_case,
     randn,
     rel_err,
+    saved_for_backward,
     single_threaded,  # noqa: F401 (an autouse fixture)
     unrolled,
 )
@@ -173,21 +175,15 @@ def gradient_rtol(frac_bits: int, steps: int) -> float:
 @pytest.mark.parametrize("steps", [1, 2, 7])
 @pytest.mark.parametrize("beta", [0.5, 0.8125, 1.3125])
 def test_gradient_equals_unrolled_float64_autograd(beta, steps, frac_bits):
-    cell = TanhCell()
-    x = randn(3, 6, seed=1, requires_grad=True)
-    z0 = randn(3, 6, seed=2, requires_grad=True)
-    weight = randn(3, 6, seed=3)
-    inputs = [x, z0, *cell.parameters()]
-    want_z = unrolled(cell, x, z0, beta, steps)
-    want = torch.autograd.grad((want_z * weight).sum(), inputs)
-
-    z, info = rfp(cell, x, z0=z0, beta=beta, max_steps=steps, tol=None, exact=True, frac_bits=frac_bits)
+    case = gradient_case(beta, steps)
+    z, info = rfp(case.cell, case.x, z0=case.z0, beta=beta, max_steps=steps, tol=None, exact=True,
+                  frac_bits=frac_bits)
     rtol = gradient_rtol(frac_bits, steps)
-    assert rel_err(z, want_z) <= rtol
+    assert rel_err(z, case.want_z) <= rtol
     if frac_bits < 32:  # the format is really coarser: the 32-bit tolerance would catch this error
-        assert rel_err(z, want_z) > gradient_rtol(32, steps)
-    got = torch.autograd.grad((z * weight).sum(), inputs)
-    assert_grads_close(got, want, rtol, ["x", "z0", "W", "U", "b"])
+        assert rel_err(z, case.want_z) > gradient_rtol(32, steps)
+    got = torch.autograd.grad((z * case.weight).sum(), case.inputs)
+    assert_grads_close(got, case.want, rtol, ["x", "z0", "W", "U", "b"])
     assert info["drift"] == 0.0 and info["frac_bits"] == frac_bits and info["beta"] == beta
 
 
@@ -413,18 +409,6 @@ def test_every_cuda_backend_with_fixed_kernels_gives_the_same_bits(starts_and_en
 # ---------------------------------------------------------------------------------------------
 # Memory and synchronisation.
 
-def saved_bytes(run):
-    total = [0]
-
-    def pack(t):
-        total[0] += t.numel() * t.element_size()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = run()
-    return out, total[0]
-
-
 def test_saved_bytes_grow_by_exactly_m_bits_per_element_per_half_step():
     cell = TanhCell(dim=32)
     x = randn(16, 32, seed=1, requires_grad=True)
@@ -434,7 +418,7 @@ def test_saved_bytes_grow_by_exactly_m_bits_per_element_per_half_step():
     for beta, m in [(0.8125, 4), (0.5, 1), (0.8, 8)]:
         saved = {}
         for steps in (8, 64):
-            (z, info), nbytes = saved_bytes(
+            (z, info), nbytes, _ = saved_for_backward(
                 lambda s=steps, b=beta: rfp(cell, x, beta=b, max_steps=s, tol=None, exact=True))
             assert nbytes == base + info["remainder_bytes"]
             assert info["remainder_bytes"] == 2 * steps * m * n // 8  # n is a multiple of 32: no padding
@@ -448,7 +432,8 @@ def test_saved_bytes_grow_by_exactly_m_bits_per_element_per_half_step():
 def test_with_a_tolerance_only_the_steps_taken_are_kept():
     cell = TanhCell(dim=32)
     x = randn(16, 32, seed=1, requires_grad=True)
-    (z, info), nbytes = saved_bytes(lambda: rfp(cell, x, beta=0.8125, max_steps=500, tol=1e-9, exact=True))
+    (z, info), nbytes, _ = saved_for_backward(lambda: rfp(cell, x, beta=0.8125, max_steps=500, tol=1e-9,
+                                                          exact=True))
     steps = info["steps"]
     assert 16 < steps < 500  # past the first remainder chunk, far from the maximum
     n = x.numel()

@@ -5,6 +5,7 @@ import torch
 from solver_cases import (
     TanhCell,
     assert_grads_close,
+    gradient_case,
     randn,
     rel_err,
     single_threaded,  # noqa: F401 (an autouse fixture)
@@ -22,17 +23,12 @@ GRAD_NAMES = ["x", "z0", "W", "U", "b"]
 @pytest.mark.parametrize("steps", [1, 2, 7])
 @pytest.mark.parametrize("beta", [0.5, 0.8, 1.3])
 def test_gradient_equals_unrolled_autograd_in_float64(beta, steps, backend):
-    cell = TanhCell()
-    x = randn(3, 6, seed=1, requires_grad=True)
-    z0 = randn(3, 6, seed=2, requires_grad=True)
-    weight = randn(3, 6, seed=3)
-    inputs = [x, z0, *cell.parameters()]
-    want = torch.autograd.grad((unrolled(cell, x, z0, beta, steps) * weight).sum(), inputs)
-
-    z, info = rk.reversible_fixed_point(cell, x, z0=z0, beta=beta, max_steps=steps, tol=None, backend=backend)
-    assert rel_err(z, unrolled(cell, x, z0, beta, steps)) < 1e-13
-    got = torch.autograd.grad((z * weight).sum(), inputs)
-    assert_grads_close(got, want, 1e-10, GRAD_NAMES)
+    case = gradient_case(beta, steps)
+    z, info = rk.reversible_fixed_point(case.cell, case.x, z0=case.z0, beta=beta, max_steps=steps, tol=None,
+                                        backend=backend)
+    assert rel_err(z, case.want_z) < 1e-13
+    got = torch.autograd.grad((z * case.weight).sum(), case.inputs)
+    assert_grads_close(got, case.want, 1e-10, GRAD_NAMES)
     assert info["steps"] == steps and info["drift"] < 1e-9
 
 

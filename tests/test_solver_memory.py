@@ -5,6 +5,7 @@ import torch
 from solver_cases import (
     TanhCell,
     randn,
+    saved_for_backward,
     single_threaded,  # noqa: F401 (an autouse fixture)
     unrolled,
 )
@@ -12,26 +13,12 @@ from solver_cases import (
 import revdeq_kernels as rk
 
 
-def saved_bytes(run) -> tuple:
-    """(bytes, count) of the tensors autograd saves for backward while ``run()`` builds its graph."""
-    total = [0, 0]
-
-    def pack(t):
-        total[0] += t.numel() * t.element_size()
-        total[1] += 1
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = run()
-    return out, total[0], total[1]
-
-
 def test_saved_bytes_do_not_depend_on_max_steps():
     cell = TanhCell(dim=32)
     x = randn(16, 32, seed=1, requires_grad=True)
     results = {}
     for steps in (8, 64):
-        z, nbytes, count = saved_bytes(lambda s=steps: rk.reversible_fixed_point(cell, x, beta=0.5, max_steps=s,
+        z, nbytes, count = saved_for_backward(lambda s=steps: rk.reversible_fixed_point(cell, x, beta=0.5, max_steps=s,
                                                                                  tol=None)[0])
         results[steps] = (nbytes, count)
         z.sum().backward()  # the saved states are usable: the backward runs
@@ -47,7 +34,7 @@ def test_the_unrolled_loop_saves_bytes_in_proportion_to_steps():
     # The same counter sees autograd's own growth, so the test above would notice a leak.
     cell = TanhCell(dim=32)
     x = randn(16, 32, seed=1, requires_grad=True)
-    counts = {s: saved_bytes(lambda s=s: unrolled(cell, x, torch.zeros_like(x), 0.5, s))[1] for s in (8, 64)}
+    counts = {s: saved_for_backward(lambda s=s: unrolled(cell, x, torch.zeros_like(x), 0.5, s))[1] for s in (8, 64)}
     print("unrolled: bytes saved:", counts)
     assert counts[64] > 7 * counts[8]
 

@@ -16,6 +16,7 @@ from solver_cases import (
     assert_grads_close,
     randn,
     rel_err,
+    saved_for_backward,
     single_threaded,  # noqa: F401 (an autouse fixture)
 )
 from test_solver_sync import count_host_reads
@@ -217,23 +218,12 @@ def test_a_closure_hiding_a_tensor_in_one_member_is_refused():
 # ---------------------------------------------------------------------------------------------
 # Memory, randomness, drift, host reads.
 
-def _saved_bytes(run) -> int:
-    total = [0]
-
-    def pack(t):
-        total[0] += t.numel() * t.element_size()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = run()
-    return out, total[0]
-
-
 def test_saved_bytes_do_not_depend_on_max_steps():
     cell, x, z0, weights = case()
     saved = {}
     for steps in (8, 64):
-        z, saved[steps] = _saved_bytes(lambda s=steps: rfp(cell, x, z0=z0, beta=0.5, max_steps=s, tol=None)[0])
+        z, saved[steps], _ = saved_for_backward(lambda s=steps: rfp(cell, x, z0=z0, beta=0.5, max_steps=s,
+                                                                    tol=None)[0])
         loss_of(z, weights).backward()  # what was saved is enough to run the backward
     state = (B * FINE[0] * FINE[1] + B * COARSE[0] * COARSE[1]) * 8
     params = sum(p.numel() * p.element_size() for p in cell.parameters())

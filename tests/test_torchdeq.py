@@ -10,6 +10,7 @@ from solver_cases import (
     randn,
     rel_err,
     single_threaded,  # noqa: F401 (an autouse fixture)
+    train_with_adam,
     unrolled,
 )
 
@@ -211,16 +212,8 @@ def test_the_same_script_runs_with_torchdeqs_default_core_and_revdeq():
     def train(core, **extra):
         torch.manual_seed(0)
         model = DEQClassifier(get_deq(core=core, f_max_iter=40, f_tol=1e-8, f_stop_mode="rel", **extra))
-        opt = torch.optim.Adam(model.parameters(), lr=0.05)
         inp, labels = _inputs()
-        losses = []
-        for _ in range(15):
-            logits, info = model(inp)
-            loss = torch.nn.functional.cross_entropy(logits, labels)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            losses.append(loss.item())
+        losses = train_with_adam(model, inp, labels, steps=15)
         x = model.encoder(inp)
         z_out, info = model.deq(lambda z: model.func(z, x), torch.zeros_like(x))
         return losses, z_out, info

@@ -7,6 +7,7 @@ from solver_cases import (
     assert_grads_close,
     randn,
     single_threaded,  # noqa: F401 (an autouse fixture)
+    train_with_adam,
 )
 
 torchdeq = pytest.importorskip("torchdeq", reason="the torchdeq tests need torchdeq (pip install torchdeq==0.1.0)")
@@ -85,16 +86,8 @@ def test_training_step_gradients_equal_unrolled_autograd(beta):
 def test_the_same_multiscale_script_runs_with_torchdeqs_default_core_and_revdeq():
     def train(core, **extra):
         model = MultiscaleClassifier(get_deq(core=core, f_max_iter=40, f_tol=1e-8, f_stop_mode="rel", **extra))
-        opt = torch.optim.Adam(model.parameters(), lr=0.05)
         inp, labels = _inputs()
-        losses = []
-        for _ in range(10):
-            logits, _ = model(inp)
-            loss = torch.nn.functional.cross_entropy(logits, labels)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            losses.append(loss.item())
+        losses = train_with_adam(model, inp, labels, steps=10)
         x = model.encoder(inp).view(-1, *FINE)
         z_out, info = model.deq(lambda fine, coarse: model.func(fine, coarse, x), model.z_init(x))
         return losses, z_out, info

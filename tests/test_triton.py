@@ -20,11 +20,13 @@ from op_cases import (
     LAYOUTS,
     POINTWISE_OPS,
     assert_close,
+    check_layouts,
     check_pointwise,
     check_residual,
     expected_pointwise,
     expected_residual,
     make_pair,
+    opcheck_ops,
     pair_id,
 )
 from revdeq_kernels.backends import triton as triton_backend
@@ -78,10 +80,7 @@ def test_residual(n, pair):
                                   (torch.bfloat16, torch.bfloat16), (torch.float64, torch.float32)], ids=pair_id)
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_layouts(layout, pair):
-    for n in (7, 4097):
-        for op in POINTWISE_OPS:
-            check_pointwise("triton", op, n, pair, 0.8, DEVICE, layout)
-        check_residual("triton", n, pair, DEVICE, layout)
+    check_layouts("triton", layout, pair, DEVICE, sizes=(7, 4097))
 
 
 def test_layout_routing():
@@ -184,12 +183,7 @@ def test_direct_op_calls_on_empty_tensors():
 @pytest.mark.parametrize("pair", [(torch.float32, torch.float32), (torch.float64, torch.bfloat16),
                                   (torch.bfloat16, torch.bfloat16)], ids=pair_id)
 def test_opcheck(pair):
-    g = torch.Generator().manual_seed(3)
-    state = torch.randn(37, 5, generator=g).to(DEVICE, pair[0])
-    f = torch.randn(37, 5, generator=g).to(DEVICE, pair[1])
-    for op in (torch.ops.revdeq.triton_relax_.default, torch.ops.revdeq.triton_unrelax_.default):
-        torch.library.opcheck(op, (state.clone(), f, 0.8))
-    torch.library.opcheck(torch.ops.revdeq.triton_residual.default, (state, f))
+    opcheck_ops("triton_", pair, DEVICE)
 
 
 def _compile_and_check(backend):
