@@ -201,10 +201,7 @@ def run(args) -> str:
         "results": results,
     }
     path = args.output or default_path(device, args.quick, args.out)
-    common.write_json(payload, path)
-    print(format_table(payload))
-    common.say(f"wrote {path}")
-    return path
+    return common.publish(payload, path, format_table(payload))
 
 
 def _bytes(n) -> str:

@@ -186,12 +186,7 @@ def run(args) -> str:
         "results": results,
     }
     path = args.output or default_path(device, args.quick, args.out)
-    common.write_json(payload, path)
-    print(format_table(payload))
-    common.say(f"wrote {path}")
-    if not args.no_plots:
-        common.say(f"wrote {plot(payload, path)}")
-    return path
+    return common.publish(payload, path, format_table(payload), None if args.no_plots else lambda p, f: [plot(p, f)])
 
 
 def format_table(payload: dict) -> str:

@@ -439,15 +439,9 @@ def run(args) -> str:
         "skipped": skipped,
     }
     path = args.output or default_path(device, args.quick, args.out)
-    common.write_json(payload, path)
-    print(format_table(payload))
-    common.say(f"wrote {path}")
-    if not args.no_plots:
-        from . import plots
+    from . import plots
 
-        for png in plots.plot(payload, path):
-            common.say(f"wrote {png}")
-    return path
+    return common.publish(payload, path, format_table(payload), None if args.no_plots else plots.plot)
 
 
 def _tf32_flags() -> dict:

@@ -301,15 +301,9 @@ def run(args) -> str:
         "compile_times": compiler.times,
     }
     path = args.output or default_path(device, args.quick, args.out)
-    common.write_json(payload, path)
-    print(format_table(payload))
-    common.say(f"wrote {path}")
-    if not args.no_plots:
-        from . import plots
+    from . import plots
 
-        for png in plots.plot(payload, path):
-            common.say(f"wrote {png}")
-    return path
+    return common.publish(payload, path, format_table(payload), None if args.no_plots else plots.plot)
 
 
 class NaiveCompiler:

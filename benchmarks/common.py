@@ -416,6 +416,19 @@ def write_json(payload: dict, path: str) -> str:
     return path
 
 
+def publish(payload: dict, path: str, table: str, plot=None) -> str:
+    """The end of every benchmark run: write the JSON, print the table, draw the plots; returns the path.
+
+    ``plot(payload, path)`` returns the PNG paths it wrote; None draws nothing (``--no-plots``).
+    """
+    write_json(payload, path)
+    print(table)
+    say(f"wrote {path}")
+    for png in plot(payload, path) if plot is not None else ():
+        say(f"wrote {png}")
+    return path
+
+
 def read_json(path: str) -> dict:
     with open(path) as fh:
         return json.load(fh)
