@@ -2,18 +2,16 @@
 bytes flat in N, unrolled autograd's growing by the same amount per step), records what it could not run,
 and rejects bad options by name."""
 
-import contextlib
-import io
 import json
 import math
 
 import pytest
 import torch
+from bench_cases import PNG_MAGIC, run_cli, threads_restored  # noqa: F401 (threads_restored: a fixture)
 
 from benchmarks import __main__ as cli
 from benchmarks import bench_memory, blocks, common, readme
 
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 STEPS = (1, 2, 3)
 TINY = ["--device", "cpu", "--size", "tiny", "--repeats", "1"]
 ROW_FIELDS = ("f_kind", "steps", "method", "f_calls_forward", "f_calls_backward", "saved_bytes", "saved_tensors",
@@ -21,26 +19,13 @@ ROW_FIELDS = ("f_kind", "steps", "method", "f_calls_forward", "f_calls_backward"
               "residual", "solver_residual", "drift")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _threads_restored():
-    # The benchmark pins CPU runs to one thread; the rest of the suite keeps its setting.
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
-
-def _run(argv) -> str:
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        code = cli.main(argv)
-    assert code == 0, f"python -m benchmarks {' '.join(argv)} exited with {code}"
-    return out.getvalue()
+pytestmark = pytest.mark.usefixtures("threads_restored")  # imported from bench_cases
 
 
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
     path = tmp_path_factory.mktemp("bench") / "memory.json"
-    table = _run(["memory", "--quick", *TINY, "--steps", ",".join(map(str, STEPS)), "--output", str(path)])
+    table = run_cli(["memory", "--quick", *TINY, "--steps", ",".join(map(str, STEPS)), "--output", str(path)])
     return path, json.loads(path.read_text()), table
 
 
@@ -145,7 +130,7 @@ def test_missing_torchdeq_is_recorded_as_skipped(monkeypatch, tmp_path):
 
     monkeypatch.setattr(bench_memory, "import_torchdeq", no_torchdeq)
     path = tmp_path / "memory.json"
-    table = _run(["memory", *TINY, "--kinds", "conv", "--steps", "1", "--methods", "unrolled,torchdeq",
+    table = run_cli(["memory", *TINY, "--kinds", "conv", "--steps", "1", "--methods", "unrolled,torchdeq",
                   "--output", str(path), "--no-plots"])
     payload = json.loads(path.read_text())
     assert [r["method"] for r in payload["results"]] == ["unrolled"]
@@ -167,7 +152,7 @@ def test_out_of_memory_falls_back_or_is_recorded(monkeypatch, tmp_path):
 
     monkeypatch.setattr(bench_memory, "unrolled", short_of_memory)
     path = tmp_path / "memory.json"
-    table = _run(["memory", *TINY, "--kinds", "conv", "--steps", "1,2", "--methods", "revdeq,unrolled,checkpoint",
+    table = run_cli(["memory", *TINY, "--kinds", "conv", "--steps", "1,2", "--methods", "revdeq,unrolled,checkpoint",
                   "--output", str(path), "--no-plots"])
     payload = json.loads(path.read_text())
     assert {ref["how"] for ref in payload["references"]} == {"unrolled, float64, checkpoint per step"}
@@ -222,7 +207,7 @@ def test_unrolled_matches_the_solver_forward():
 @pytest.mark.gpu
 def test_cuda_peak_memory_is_flat_for_revdeq_and_grows_for_unrolled(tmp_path):
     path = tmp_path / "memory.json"
-    _run(["memory", "--device", "cuda", "--size", "cpu", "--repeats", "1", "--steps", "2,8",
+    run_cli(["memory", "--device", "cuda", "--size", "cpu", "--repeats", "1", "--steps", "2,8",
           "--methods", "revdeq,unrolled", "--output", str(path), "--no-plots"])
     payload = common.read_json(str(path))
     assert payload["config"]["memory_headline"] == "cuda_peak_bytes"
@@ -258,8 +243,8 @@ def test_exact_mode_on_a_nondeterministic_f_is_recorded(monkeypatch, tmp_path):
     path = tmp_path / "memory.json"
     # beta = 1/4 (p / 2^m = 1/4): 2^m - p = 3 lets the inverse detect a mismatch; at beta = 1/2 it cannot (2^m - p = 1)
     # and a nondeterministic f shows as a drift above 0 instead (the drift column).
-    _run(["memory", *TINY, "--kinds", "conv", "--steps", "2", "--methods", "revdeq_exact,checkpoint", "--beta", "0.25",
-          "--output", str(path), "--no-plots"])
+    run_cli(["memory", *TINY, "--kinds", "conv", "--steps", "2", "--methods", "revdeq_exact,checkpoint",
+             "--beta", "0.25", "--output", str(path), "--no-plots"])
     payload = json.loads(path.read_text())
     assert [r["method"] for r in payload["results"]] == ["checkpoint"]
     (skip,) = payload["skipped"]

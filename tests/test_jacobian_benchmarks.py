@@ -1,40 +1,25 @@
 """The Jacobian-regularisation and explicit-depth benchmarks run end to end on tiny settings, write
 sane numbers, and reject bad options. Synthetic data: CI has no scikit-learn."""
 
-import contextlib
-import io
 import json
 
 import pytest
 import torch
+from bench_cases import PNG_MAGIC, run_cli, threads_restored  # noqa: F401 (threads_restored: a fixture)
 
 from benchmarks import __main__ as cli
 from benchmarks import bench_depth, bench_jacobian, classify
 
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 TINY = ["--device", "cpu", "--data", "synthetic", "--width", "16", "--train-limit", "96", "--batch", "32"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _threads_restored():
-    # The benchmarks pin CPU runs to one thread (tiny matrices); the rest of the suite keeps its setting.
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
-
-def _run(argv) -> str:
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        code = cli.main(argv)
-    assert code == 0, f"python -m benchmarks {' '.join(argv)} exited with {code}"
-    return out.getvalue()
+pytestmark = pytest.mark.usefixtures("threads_restored")  # imported from bench_cases
 
 
 @pytest.fixture(scope="module")
 def jacobian_run(tmp_path_factory):
     path = tmp_path_factory.mktemp("bench") / "jacobian.json"
-    table = _run(["jacobian", *TINY, "--epochs", "2", "--gammas", "0,2", "--max-steps", "15", "--radius-iters", "8",
+    table = run_cli(["jacobian", *TINY, "--epochs", "2", "--gammas", "0,2", "--max-steps", "15", "--radius-iters", "8",
                   "--output", str(path)])
     return path, json.loads(path.read_text()), table
 
@@ -69,7 +54,7 @@ def test_jacobian_benchmark_records_are_consistent(jacobian_run):
 @pytest.fixture(scope="module")
 def depth_run(tmp_path_factory):
     path = tmp_path_factory.mktemp("bench") / "depth.json"
-    table = _run(["depth", *TINY, "--epochs", "1", "--steps", "1,2,3", "--output", str(path)])
+    table = run_cli(["depth", *TINY, "--epochs", "1", "--steps", "1,2,3", "--output", str(path)])
     return json.loads(path.read_text()), table
 
 
@@ -120,7 +105,7 @@ def test_synthetic_data_is_deterministic_and_split():
 @pytest.mark.gpu
 def test_depth_benchmark_on_cuda_measures_peak_memory(tmp_path):
     path = tmp_path / "depth.json"
-    _run(["depth", "--device", "cuda", "--data", "synthetic", "--width", "256", "--batch", "256", "--train-limit",
+    run_cli(["depth", "--device", "cuda", "--data", "synthetic", "--width", "256", "--batch", "256", "--train-limit",
           "512", "--epochs", "1", "--steps", "2,8", "--output", str(path)])
     by = {(r["model"], r["steps"]): r for r in json.loads(path.read_text())["results"]}
     print({k: v["cuda_peak_bytes"] for k, v in by.items()})
