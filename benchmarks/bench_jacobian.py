@@ -58,8 +58,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def default_path(device: torch.device, quick: bool, out_dir: str | None) -> str:
-    name = f"cpu-{common.slug(common.cpu_model())}" if device.type == "cpu" else common.slug(common.device_name(device))
-    return os.path.join(out_dir or common.RESULTS_DIR, f"{NAME}-{name}{'-quick' if quick else ''}.json")
+    return common.result_path(NAME, device, quick, out_dir)
 
 
 def _gammas(text: str) -> list:

@@ -52,7 +52,6 @@ import contextlib
 import copy
 import gc
 import importlib
-import os
 import time
 import warnings
 
@@ -103,8 +102,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def default_path(device: torch.device, quick: bool, out_dir: str | None) -> str:
-    name = f"cpu-{common.slug(common.cpu_model())}" if device.type == "cpu" else common.slug(common.device_name(device))
-    return os.path.join(out_dir or common.RESULTS_DIR, f"{NAME}-{name}{'-quick' if quick else ''}.json")
+    return common.result_path(NAME, device, quick, out_dir)
 
 
 def parse_steps(text: str) -> list:

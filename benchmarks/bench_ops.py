@@ -24,7 +24,6 @@ Run: ``python -m benchmarks ops [--quick] [--sizes 2^16:2^24] [--device cuda]``.
 """
 
 import argparse
-import os
 import statistics
 import time
 
@@ -238,12 +237,7 @@ def _choices(flag, allowed):
 
 
 def default_path(device: torch.device, quick: bool, out_dir: str | None) -> str:
-    name = device_slug(device)
-    return os.path.join(out_dir or common.RESULTS_DIR, f"ops-{name}{'-quick' if quick else ''}.json")
-
-
-def device_slug(device: torch.device) -> str:
-    return f"cpu-{common.slug(common.cpu_model())}" if device.type == "cpu" else common.slug(common.device_name(device))
+    return common.result_path(NAME, device, quick, out_dir)
 
 
 def run(args) -> str:

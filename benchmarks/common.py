@@ -416,6 +416,16 @@ def write_json(payload: dict, path: str) -> str:
     return path
 
 
+def result_path(benchmark: str, device: torch.device, quick: bool, out_dir: str | None) -> str:
+    """Where a run's JSON goes by default: ``<out_dir>/<benchmark>-<device>[-quick].json``.
+
+    Example:
+        >>> result_path("ops", torch.device("cpu"), True, "/tmp/b")  # '/tmp/b/ops-cpu-amd-epyc-quick.json'
+    """
+    name = f"cpu-{slug(cpu_model())}" if device.type == "cpu" else slug(device_name(device))
+    return os.path.join(out_dir or RESULTS_DIR, f"{benchmark}-{name}{'-quick' if quick else ''}.json")
+
+
 def publish(payload: dict, path: str, table: str, plot=None) -> str:
     """The end of every benchmark run: write the JSON, print the table, draw the plots; returns the path.
 
