@@ -57,16 +57,6 @@ def default_path(device: torch.device, quick: bool, out_dir: str | None) -> str:
     return common.result_path(NAME, device, quick, out_dir)
 
 
-def _steps(text: str) -> list:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise ValueError(f"--steps: expected comma-separated positive integers, got {text!r}") from None
-    if not values or min(values) < 1:
-        raise ValueError(f"--steps: expected comma-separated positive integers, got {text!r}")
-    return values
-
-
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -155,7 +145,7 @@ def run(args) -> str:
     # Small matrices: on CPU one thread avoids synchronisation overhead (see bench_jacobian).
     common.set_threads(args.threads if args.threads is not None else 1 if device.type == "cpu" else None)
     steps_text, epochs, width, batch = (QUICK if args.quick else DEFAULTS)[device.type]
-    steps_list = _steps(args.steps or steps_text)
+    steps_list = common.parse_positive_ints("--steps", args.steps or steps_text)
     cfg = {"epochs": args.epochs if args.epochs is not None else epochs,
            "width": args.width if args.width is not None else width,
            "batch": args.batch if args.batch is not None else batch,

@@ -106,13 +106,7 @@ def default_path(device: torch.device, quick: bool, out_dir: str | None) -> str:
 
 
 def parse_steps(text: str) -> list:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        values = []
-    if not values or min(values) < 1:
-        raise ValueError(f"--steps: expected comma-separated positive integers, got {text!r}")
-    return sorted(set(values))
+    return sorted(set(common.parse_positive_ints("--steps", text)))
 
 
 def _names(option: str, noun: str, text: str, known: tuple) -> list:

@@ -416,6 +416,22 @@ def write_json(payload: dict, path: str) -> str:
     return path
 
 
+def parse_positive_ints(option: str, text: str) -> list:
+    """``"4,8,16"`` -> ``[4, 8, 16]`` (order kept); anything else is a ValueError naming ``option``.
+
+    Example:
+        >>> parse_positive_ints("--steps", "4, 8,16")
+        [4, 8, 16]
+    """
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise ValueError(f"{option}: expected comma-separated positive integers, got {text!r}")
+    return values
+
+
 def result_path(benchmark: str, device: torch.device, quick: bool, out_dir: str | None) -> str:
     """Where a run's JSON goes by default: ``<out_dir>/<benchmark>-<device>[-quick].json``.
 
