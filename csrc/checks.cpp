@@ -40,6 +40,24 @@ void check_pointwise(const char* op, const at::Tensor& state, const at::Tensor& 
   TORCH_CHECK_VALUE(at::has_internal_overlap(state) != at::MemOverlap::Yes, op,
                     ": state has internal overlap (e.g. an expanded view); an in-place update "
                     "would write some elements more than once");
+  check_disjoint(op, "state", state, "f_val", f_val,
+                 "; the in-place update would read values it has already overwritten (pass f_val.clone())");
+}
+
+ByteSpan byte_span(const at::Tensor& t) {
+  int64_t span = 1;
+  for (int64_t d = 0; d < t.dim(); ++d) span += (t.size(d) - 1) * t.stride(d);
+  const auto begin = reinterpret_cast<uintptr_t>(t.data_ptr());
+  return {begin, begin + static_cast<uintptr_t>(span) * t.element_size()};
+}
+
+bool spans_overlap(const ByteSpan& a, const ByteSpan& b) { return a.begin < b.end && b.begin < a.end; }
+
+void check_disjoint(const char* op, const char* a_name, const at::Tensor& a, const char* b_name, const at::Tensor& b,
+                    const char* hint) {
+  if (a.numel() == 0 || b.numel() == 0 || a.is_meta() || b.is_meta()) return;
+  TORCH_CHECK_VALUE(!spans_overlap(byte_span(a), byte_span(b)), op, ": ", b_name, " shares memory with ", a_name,
+                    hint);
 }
 
 void check_residual(const at::Tensor& z, const at::Tensor& fz, c10::DeviceType device_type) {

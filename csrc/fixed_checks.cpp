@@ -2,6 +2,7 @@
 
 #include <ATen/MemoryOverlap.h>
 
+#include "checks.h"
 #include "fixed_point.h"
 
 namespace revdeq {
@@ -9,13 +10,6 @@ namespace {
 
 bool floating(at::ScalarType t) {
   return t == at::kDouble || t == at::kFloat || t == at::kHalf || t == at::kBFloat16;
-}
-
-void check_disjoint(const char* op, const char* a_name, const at::Tensor& a, const char* b_name,
-                    const at::Tensor& b) {
-  const auto overlap = at::get_overlap_status(a, b);
-  TORCH_CHECK_VALUE(overlap != at::MemOverlapStatus::Full && overlap != at::MemOverlapStatus::Partial, op, ": ",
-                    b_name, " shares memory with ", a_name);
 }
 
 }  // namespace

@@ -27,8 +27,8 @@ void check_lists(const char* op, const char* a_name, at::TensorList a, const cha
   }
 }
 
-// The bytes [begin, end) a non-empty tensor's elements span (strides are never negative), and which
-// argument it is: states[index] (is_state) or f_vals[index].
+// A non-empty tensor's bytes (checks.h, byte_span), and which argument it is: states[index]
+// (is_state) or f_vals[index].
 struct AddressRange {
   uintptr_t begin;
   uintptr_t end;
@@ -37,10 +37,8 @@ struct AddressRange {
 };
 
 AddressRange address_range(const at::Tensor& t, bool is_state, size_t index) {
-  int64_t span = 1;
-  for (int64_t d = 0; d < t.dim(); ++d) span += (t.size(d) - 1) * t.stride(d);
-  const auto begin = reinterpret_cast<uintptr_t>(t.data_ptr());
-  return {begin, begin + static_cast<uintptr_t>(span) * t.element_size(), is_state, index};
+  const ByteSpan span = byte_span(t);
+  return {span.begin, span.end, is_state, index};
 }
 
 // No state's range meets another state's or an f value's (f values may meet each other): sorted by

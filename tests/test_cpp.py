@@ -86,3 +86,26 @@ def test_direct_op_call_checks_arguments():
         torch.ops.revdeq.relax_(torch.randn(1).expand(5), torch.randn(5), 0.5)
     with pytest.raises(TypeError, match="residual: z must be float64, float32, float16 or bfloat16"):
         torch.ops.revdeq.residual(torch.ones(5, dtype=torch.int32), torch.ones(5, dtype=torch.int32))
+
+
+@pytest.mark.parametrize("op", ["relax_", "unrelax_"])
+def test_direct_op_call_refuses_overlapping_state_and_f(op):
+    # The Python check does not run for torch.ops.revdeq.* called directly, nor inside torch.compile: the
+    # kernel, which reads f while it writes state, must refuse memory they share. It compares addresses,
+    # so two storages over the same memory (numpy views) are caught too.
+    x = torch.randn(64, dtype=torch.float64)
+    kernel = getattr(torch.ops.revdeq, op)
+    with pytest.raises(ValueError, match=rf"{op}: f_val shares memory with state"):
+        kernel(x[1:], x[:-1], 0.5)
+    np = pytest.importorskip("numpy")
+    a = np.random.default_rng(0).standard_normal(5000)
+    state, f_val = torch.from_numpy(a[2:]), torch.from_numpy(a[:-2])
+    assert state.untyped_storage().data_ptr() != f_val.untyped_storage().data_ptr()  # separate storages
+    with pytest.raises(ValueError, match=rf"{op}: f_val shares memory with state"):
+        kernel(state, f_val, 0.5)
+    before = x.clone()
+    with pytest.raises(ValueError, match=rf"{op}: f_val shares memory with state"):
+        torch.compile(lambda s, f: kernel(s, f, 0.5), fullgraph=True, backend="eager")(x[1:], x[:-1])
+    assert torch.equal(x, before)
+    kernel(x[32:], x[:32].clone(), 0.5)  # disjoint halves are fine
+    kernel(x[32:], x[:32], 0.5)
