@@ -177,6 +177,40 @@ def test_direct_op_call_checks_arguments():
         torch.ops.revdeq.residual(s.half(), s)
 
 
+def test_direct_op_call_refuses_overlapping_state_and_f():
+    x = torch.randn(4096, device=DEVICE)
+    for op in (torch.ops.revdeq.relax_, torch.ops.revdeq.unrelax_):
+        with pytest.raises(ValueError, match="f_val shares memory with state"):
+            op(x[1:], x[:-1], 0.5)
+
+
+def _cudart_of_extension():
+    """ctypes handle of the CUDA runtime revdeq_kernels._C uses (the one mapped into this process)."""
+    import ctypes
+
+    with open("/proc/self/maps") as fh:
+        paths = sorted({line.split()[-1] for line in fh if "libcudart" in line and line.split()[-1].startswith("/")})
+    if len(paths) != 1:
+        pytest.skip(f"cannot tell which CUDA runtime the extension uses: {paths or 'none mapped'}")
+    return ctypes.CDLL(paths[0])
+
+
+def test_an_error_earlier_work_left_pending_is_reported_as_such():
+    # A failed runtime call leaves its error pending until cudaGetLastError reads it; before the fix the
+    # next op read it after its own launch and reported it as its kernel's failure.
+    import ctypes
+
+    x, f = torch.randn(1000, device=DEVICE), torch.randn(1000, device=DEVICE)
+    cudart = _cudart_of_extension()
+    assert cudart.cudaSetDevice(ctypes.c_int(1 << 20)) != 0  # no such device: cudaErrorInvalidDevice, pending
+    with pytest.raises(RuntimeError, match=r"relax_: a CUDA error from earlier work on this device was pending when "
+                                           r"relax_ was called: cudaErrorInvalidDevice .*It is not from relax_"):
+        torch.ops.revdeq.relax_(x, f, 0.5)
+    want = 0.5 * x + 0.5 * f  # reported once, then cleared: the next call runs
+    torch.ops.revdeq.relax_(x, f, 0.5)
+    torch.testing.assert_close(x, want)
+
+
 @pytest.mark.parametrize("pair", [(torch.float32, torch.float32), (torch.float64, torch.bfloat16),
                                   (torch.bfloat16, torch.bfloat16)], ids=pair_id)
 def test_opcheck(pair):

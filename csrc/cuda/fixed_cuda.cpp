@@ -8,35 +8,18 @@
 #include <cstdint>
 
 #include "fixed_checks.h"
+#include "launch_checks.h"
 #include "revdeq_cuda.h"
 
 namespace revdeq {
 namespace {
-
-cuda::DType f_dtype(const at::Tensor& f, const char* op) {
-  switch (f.scalar_type()) {
-    case at::kDouble: return cuda::DType::kFloat64;
-    case at::kFloat: return cuda::DType::kFloat32;
-    case at::kHalf: return cuda::DType::kFloat16;
-    case at::kBFloat16: return cuda::DType::kBFloat16;
-    default:
-      TORCH_CHECK_TYPE(false, op, ": f_val must be float64, float32, float16 or bfloat16, got ", f.scalar_type());
-  }
-}
-
-// Tensors from torch's allocator always are; one built with from_blob on an odd address is not,
-// and the kernels' element accesses would fault on it.
-void check_element_aligned(const at::Tensor& t, const char* op, const char* arg) {
-  const auto address = reinterpret_cast<uintptr_t>(t.data_ptr());
-  TORCH_CHECK_VALUE(address % t.element_size() == 0, op, ": ", arg, " has data pointer ", t.data_ptr(),
-                    ", which is not aligned to its element size of ", t.element_size(), " bytes");
-}
 
 void fixed_update_cuda(const char* op, const at::Tensor& state, const at::Tensor& f_val, const at::Tensor& remainder,
                        const at::Tensor& status, int64_t p, int64_t m, int64_t frac_bits, bool inverse) {
   check_fixed(op, state, f_val, remainder, status, p, m, frac_bits, c10::DeviceType::CUDA);
   if (state.numel() == 0) return;
   const c10::cuda::CUDAGuard guard(state.device());
+  check_no_earlier_error(op);
   // Remainder bits belong to row-major element indices, so the kernels walk row-major (contiguous)
   // versions of state and f_val; a state laid out otherwise is updated in a copy and copied back.
   at::Tensor s = state.contiguous();
@@ -48,14 +31,13 @@ void fixed_update_cuda(const char* op, const at::Tensor& state, const at::Tensor
   auto* words = reinterpret_cast<uint32_t*>(remainder.data_ptr<int32_t>());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   const cudaError_t err =
-      inverse ? cuda::unrelax_fixed(s.data_ptr<int64_t>(), f.data_ptr(), f_dtype(f, op), words,
+      inverse ? cuda::unrelax_fixed(s.data_ptr<int64_t>(), f.data_ptr(), kernel_dtype(f, op, "f_val"), words,
                                     status.data_ptr<int32_t>(), s.numel(), p, static_cast<int>(m),
                                     static_cast<int>(frac_bits), stream)
-              : cuda::relax_fixed(s.data_ptr<int64_t>(), f.data_ptr(), f_dtype(f, op), words,
+              : cuda::relax_fixed(s.data_ptr<int64_t>(), f.data_ptr(), kernel_dtype(f, op, "f_val"), words,
                                   status.data_ptr<int32_t>(), s.numel(), p, static_cast<int>(m),
                                   static_cast<int>(frac_bits), stream);
-  TORCH_CHECK(err == cudaSuccess, op, ": CUDA kernel failed: ", cudaGetErrorName(err), " (",
-              cudaGetErrorString(err), ")");
+  check_cuda(err, op);
   if (!s.is_same(state)) state.copy_(s);
 }
 

@@ -6,29 +6,16 @@
 #include <torch/library.h>
 
 #include <cstdint>
+#include <string>
 #include <vector>
 
 #include "checks.h"
+#include "launch_checks.h"
 #include "multi.h"
 #include "multi_cuda.h"
 
 namespace revdeq {
 namespace {
-
-cuda::DType kernel_dtype(at::ScalarType t) {
-  switch (t) {
-    case at::kDouble: return cuda::DType::kFloat64;
-    case at::kFloat: return cuda::DType::kFloat32;
-    case at::kHalf: return cuda::DType::kFloat16;
-    case at::kBFloat16: return cuda::DType::kBFloat16;
-    default: TORCH_CHECK_TYPE(false, "revdeq: no CUDA kernels for dtype ", t);  // the checks rejected it before
-  }
-}
-
-void check_cuda(cudaError_t err, const char* op) {
-  TORCH_CHECK(err == cudaSuccess, op, ": CUDA kernel failed: ", cudaGetErrorName(err), " (",
-              cudaGetErrorString(err), ")");
-}
 
 // The kernels' view of the flat members. A tensor from torch's allocator is always aligned to its
 // element size; one built with from_blob on an odd address is not, and is refused here.
@@ -39,14 +26,12 @@ std::vector<cuda::MemberPair> kernel_members(const char* op, const char* a_name,
   for (size_t i = 0; i < flat.primary.size(); ++i) {
     const at::Tensor& a = flat.primary[i];
     const at::Tensor& b = flat.secondary[i];
-    for (const char* name : {a_name, b_name}) {
-      const at::Tensor& t = name == a_name ? a : b;
-      TORCH_CHECK_VALUE(reinterpret_cast<uintptr_t>(t.data_ptr()) % t.element_size() == 0, op, ": ", name, "[",
-                        flat.index[i], "] has data pointer ", t.data_ptr(),
-                        ", which is not aligned to its element size of ", t.element_size(), " bytes");
-    }
-    members.push_back({a.data_ptr(), b.data_ptr(), a.numel(), kernel_dtype(a.scalar_type()),
-                       kernel_dtype(b.scalar_type())});
+    const std::string a_item = std::string(a_name) + "[" + std::to_string(flat.index[i]) + "]";
+    const std::string b_item = std::string(b_name) + "[" + std::to_string(flat.index[i]) + "]";
+    check_element_aligned(a, op, a_item.c_str());
+    check_element_aligned(b, op, b_item.c_str());
+    members.push_back({a.data_ptr(), b.data_ptr(), a.numel(), kernel_dtype(a, op, a_item.c_str()),
+                       kernel_dtype(b, op, b_item.c_str())});
   }
   return members;
 }
@@ -54,6 +39,7 @@ std::vector<cuda::MemberPair> kernel_members(const char* op, const char* a_name,
 void multi_affine_cuda(const char* op, at::TensorList states, at::TensorList f_vals, double beta, bool inverse) {
   check_multi_pointwise(op, states, f_vals, beta, c10::DeviceType::CUDA);
   const c10::cuda::CUDAGuard guard(states[0].device());
+  check_no_earlier_error(op);
   const FlatPairs flat = flatten_pairs(states, f_vals);
   if (flat.primary.empty()) return;
   const auto [a, b] = update_coefficients(beta, inverse);
@@ -75,6 +61,7 @@ void multi_unrelax_cuda(at::TensorList states, at::TensorList f_vals, double bet
 at::Tensor multi_residual_cuda(at::TensorList zs, at::TensorList fzs) {
   check_multi_residual(zs, fzs, c10::DeviceType::CUDA);
   const c10::cuda::CUDAGuard guard(zs[0].device());
+  check_no_earlier_error("multi_residual");
   const at::ScalarType out_dtype = multi_residual_dtype(zs);
   at::Tensor out = at::empty({2}, zs[0].options().dtype(out_dtype));
   const FlatPairs flat = flatten_pairs(zs, fzs);

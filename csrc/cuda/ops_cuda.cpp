@@ -8,42 +8,19 @@
 #include <cstdint>
 
 #include "checks.h"
+#include "launch_checks.h"
 #include "layout.h"
 #include "revdeq_cuda.h"
 
 namespace revdeq {
 namespace {
 
-cuda::DType kernel_dtype(const at::Tensor& t, const char* op, const char* arg) {
-  switch (t.scalar_type()) {
-    case at::kDouble: return cuda::DType::kFloat64;
-    case at::kFloat: return cuda::DType::kFloat32;
-    case at::kHalf: return cuda::DType::kFloat16;
-    case at::kBFloat16: return cuda::DType::kBFloat16;
-    default:
-      TORCH_CHECK_TYPE(false, op, ": ", arg, " must be float64, float32, float16 or bfloat16, got ",
-                       t.scalar_type());
-  }
-}
-
-// Tensors from torch's allocator always are; one built with from_blob on an odd address is not,
-// and the kernels' element accesses would fault on it.
-void check_element_aligned(const at::Tensor& t, const char* op, const char* arg) {
-  const auto address = reinterpret_cast<uintptr_t>(t.data_ptr());
-  TORCH_CHECK_VALUE(address % t.element_size() == 0, op, ": ", arg, " has data pointer ", t.data_ptr(),
-                    ", which is not aligned to its element size of ", t.element_size(), " bytes");
-}
-
-void check_cuda(cudaError_t err, const char* op) {
-  TORCH_CHECK(err == cudaSuccess, op, ": CUDA kernel failed: ", cudaGetErrorName(err), " (",
-              cudaGetErrorString(err), ")");
-}
-
 void affine_update_cuda(const char* op, const at::Tensor& state, const at::Tensor& f_val, double beta,
                         bool inverse) {
   check_pointwise(op, state, f_val, beta, c10::DeviceType::CUDA);
   if (state.numel() == 0) return;
   const c10::cuda::CUDAGuard guard(state.device());
+  check_no_earlier_error(op);
   const auto [a, b] = update_coefficients(beta, inverse);
   with_flat_layout(state, f_val, /*write_back=*/true, [&](const at::Tensor& s, const at::Tensor& f) {
     check_element_aligned(s, op, "state");
@@ -66,6 +43,7 @@ void unrelax_cuda(const at::Tensor& state, const at::Tensor& f_val, double beta)
 at::Tensor residual_cuda(const at::Tensor& z, const at::Tensor& fz) {
   check_residual(z, fz, c10::DeviceType::CUDA);
   const c10::cuda::CUDAGuard guard(z.device());
+  check_no_earlier_error("residual");
   at::Tensor out = at::empty({2}, z.options().dtype(residual_dtype(z)));
   if (z.numel() == 0) return out.zero_();
   size_t workspace_bytes = 0;

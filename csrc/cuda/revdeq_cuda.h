@@ -12,6 +12,13 @@ namespace revdeq::cuda {
 
 enum class DType : int { kFloat64, kFloat32, kFloat16, kBFloat16 };
 
+// Errors. CUDA keeps the most recent error of any launch or runtime call on a host thread until
+// cudaGetLastError reads it (and clears it, unless it is sticky). Every function below reads it right
+// after its launches and returns it, so an error that earlier, unrelated work left pending would come
+// back as that function's own: a caller takes it first with take_earlier_error() and reports it as
+// earlier work's (the launchers in csrc/cuda/*.cpp do, before every call).
+inline cudaError_t take_earlier_error() { return cudaGetLastError(); }
+
 // Supported (state, f) pairs: equal dtypes, float64 state with any f, float32 state with a half f.
 // Other pairs return cudaErrorInvalidValue.
 
