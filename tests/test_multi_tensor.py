@@ -625,8 +625,9 @@ def test_gpu_large_members(backend):
 GEOMETRY_CHECK = r"""
 // Host check of csrc/cuda/multi.cuh and multi.cu's launch planning: the chunks of a member cover each
 // of its elements exactly once (packs by chunk_packs, scalars by chunk_scalars through scalar_index),
-// a thread's kChunkSteps packs cover a chunk's packs, member_of finds the owner of every global chunk,
-// and for_each_launch puts every non-empty member in exactly one launch of its own dtype pair.
+// a thread's kChunkSteps packs cover a chunk's packs, residual's index-ordered chunks (indexed_chunk) cover
+// every virtual pack once, member_of finds the owner of every global chunk, and for_each_launch puts every
+// non-empty member in exactly one launch of its own dtype pair, counting chunks of the kind asked for.
 #include <cstdio>
 #include <vector>
 
@@ -675,6 +676,22 @@ void check(const char* name) {
       }
     }
   }
+  for (int64_t n : sizes) {  // residual's chunks: virtual packs by index, whatever the addresses
+    const int64_t packs = (n + P - 1) / P, chunks = multi::indexed_chunk_count<S>(n);
+    std::vector<int> seen(packs, 0);
+    for (int64_t c = 0; c < chunks; ++c) {
+      const multi::Range r = multi::indexed_chunk<S>(n, c);
+      EXPECT(r.end > r.begin && r.end - r.begin <= multi::kChunkPacks, "%s n %lld: indexed chunk %lld", name,
+             (long long)n, (long long)c);
+      for (int t = 0; t < kThreads; ++t)
+        for (int u = 0; u < multi::kChunkSteps; ++u) {
+          const int64_t q = r.begin + t + u * kThreads;
+          if (q < r.end) ++seen[q];
+        }
+    }
+    for (int64_t q = 0; q < packs; ++q)
+      EXPECT(seen[q] == 1, "%s n %lld: virtual pack %lld visited %d times", name, (long long)n, (long long)q, seen[q]);
+  }
 }
 
 void check_launches() {
@@ -693,8 +710,8 @@ void check_launches() {
   }
   std::vector<int> seen(members.size(), 0);
   std::vector<int> sizes;
-  const cudaError_t err = for_each_launch(members.data(), 150, [&](auto s_tag, auto, const MemberTable& table,
-                                                                   int64_t chunks) {
+  const cudaError_t err = for_each_launch<false>(members.data(), 150, [&](auto s_tag, auto,
+                                                                          const MemberTable& table, int64_t chunks) {
     using S = typename decltype(s_tag)::type;
     sizes.push_back(table.count);
     EXPECT(table.count >= 1 && table.count <= kMultiMaxMembers, "launch with %d members", table.count);
@@ -717,6 +734,19 @@ void check_launches() {
     return cudaSuccess;
   });
   EXPECT(err == cudaSuccess, "for_each_launch returned %d", int(err));
+  // The same launches for residual, each member with its index-ordered chunk count.
+  int indexed_launches = 0;
+  for_each_launch<true>(members.data(), 150, [&](auto s_tag, auto, const MemberTable& table, int64_t) {
+    using S = typename decltype(s_tag)::type;
+    ++indexed_launches;
+    int64_t previous = 0;
+    for (int k = 0; k < table.count; ++k) {
+      EXPECT(table.chunk_end[k] - previous == multi::indexed_chunk_count<S>(table.span[k].n), "indexed chunk count");
+      previous = table.chunk_end[k];
+    }
+    return cudaSuccess;
+  });
+  EXPECT(indexed_launches == 4, "%d residual launches", indexed_launches);
   for (size_t i = 0; i < members.size(); ++i)
     EXPECT(seen[i] == (members[i].n > 0 ? 1 : 0), "member %d launched %d times", int(i), seen[i]);
   EXPECT(sizes.size() == 4 && static_cast<int>(sizes.size()) <= max_launches(150), "%d launches",
@@ -729,7 +759,7 @@ void check_launches() {
     if (bad == 0) copy[140].f_dtype = DType::kFloat64;  // bf16 state with a float64 f: unsupported
     if (bad == 1) copy[140].f = static_cast<const char*>(copy[140].f) + 1;
     int launched = 0;
-    const cudaError_t got = for_each_launch(copy.data(), 150, [&](auto, auto, const MemberTable&, int64_t) {
+    const cudaError_t got = for_each_launch<false>(copy.data(), 150, [&](auto, auto, const MemberTable&, int64_t) {
       ++launched;
       return cudaSuccess;
     });

@@ -173,6 +173,34 @@ __host__ __device__ __forceinline__ int64_t scalar_count(const Span& span) {
   return span.n - span.packs * P;
 }
 
+// The reductions' order (residual.cu, multi.cu): element i is in "virtual pack" i / P at lane i % P,
+// whatever the addresses, and the packs are dealt to threads by their index. The pointers decide only
+// how a pack is loaded, so the result's bits never depend on where the data sits in memory.
+template <typename Z, typename F>
+__host__ __device__ __forceinline__ bool packs_aligned(const Z* z, const F* f) {
+  return reinterpret_cast<uintptr_t>(z) % kPackBytes == 0 &&
+         reinterpret_cast<uintptr_t>(f) % (kPackElems<Z> * sizeof(F)) == 0;
+}
+
+// Virtual pack q of z and f: one 16-byte access (and the matching access of f) when both are
+// pack-aligned and the pack is full, else element by element; elements at or past n read as zero,
+// which adds nothing to a sum of squares.
+template <int P, typename Z, typename F>
+__device__ __forceinline__ void load_indexed_pack(const Z* z, const F* f, int64_t n, int64_t q, bool aligned,
+                                                  Pack<Z, P>& zv, Pack<F, P>& fv) {
+  if (aligned && (q + 1) * P <= n) {
+    zv = load_pack<P>(z + q * P);
+    fv = load_pack<P>(f + q * P);
+    return;
+  }
+#pragma unroll
+  for (int k = 0; k < P; ++k) {
+    const int64_t i = q * P + k;
+    zv.v[k] = i < n ? z[i] : narrow<Z>(0.0f);
+    fv.v[k] = i < n ? f[i] : narrow<F>(0.0f);
+  }
+}
+
 template <typename T>
 __device__ __forceinline__ T warp_sum(T v) {
 #pragma unroll
@@ -252,6 +280,16 @@ int grid_for(const Span& span, int max_blocks) {
   const int64_t vector_work = (span.packs + kUnroll - 1) / kUnroll;
   const int64_t scalar_work = (span.n - span.packs * P + G - 1) / G;
   const int64_t work = vector_work > scalar_work ? vector_work : scalar_work;
+  const int64_t blocks = (work + kThreads - 1) / kThreads;
+  return static_cast<int>(blocks < 1 ? 1 : (blocks < max_blocks ? blocks : max_blocks));
+}
+
+// Grid for the indexed reductions over n elements of Z: enough threads for kUnroll virtual packs each,
+// capped at what is resident. A function of n, never of the alignment.
+template <typename Z>
+int grid_for_indexed(int64_t n, int max_blocks) {
+  constexpr int P = kPackElems<Z>;
+  const int64_t work = ((n + P - 1) / P + kUnroll - 1) / kUnroll;
   const int64_t blocks = (work + kThreads - 1) / kThreads;
   return static_cast<int>(blocks < 1 ? 1 : (blocks < max_blocks ? blocks : max_blocks));
 }

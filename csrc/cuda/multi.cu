@@ -101,29 +101,26 @@ __global__ void __launch_bounds__(kThreads)
 template <typename Z>
 constexpr int kLanes = kPackElems<Z> < 4 ? kPackElems<Z> : 4;
 
-// Adds this thread's share of chunk `chunk` of one member to diff_sq and f_sq: per-lane sums in the
-// member's accumulation type over the chunk, then into double.
+// Adds this thread's share of chunk `chunk` of one member (n elements) to diff_sq and f_sq: per-lane
+// sums in the member's accumulation type over the chunk, then into double. The chunk's virtual packs
+// (multi::indexed_chunk, in element index order) go to the threads by index, whatever the addresses.
 template <typename Z, typename F>
-__device__ __forceinline__ void residual_chunk(const Z* __restrict__ z, const F* __restrict__ f, const Span& span,
+__device__ __forceinline__ void residual_chunk(const Z* __restrict__ z, const F* __restrict__ f, int64_t n,
                                                int64_t chunk, double& diff_sq, double& f_sq) {
   using A = acc_t<Z>;
   constexpr int P = kPackElems<Z>, L = kLanes<Z>;
-  const Z* const z_packs = z + span.head;
-  const F* const f_packs = f + span.head;
+  const bool aligned = packs_aligned(z, f);
   A dd[L], ff[L];
 #pragma unroll
   for (int k = 0; k < L; ++k) dd[k] = ff[k] = A(0);
 
-  const Range packs = multi::chunk_packs(span, chunk);
+  const Range packs = multi::indexed_chunk<Z>(n, chunk);
   Pack<Z, P> zv[kChunkSteps];
   Pack<F, P> fv[kChunkSteps];
 #pragma unroll
   for (int u = 0; u < kChunkSteps; ++u) {
     const int64_t q = packs.begin + threadIdx.x + u * kThreads;
-    if (q < packs.end) {
-      zv[u] = load_pack<P>(z_packs + q * P);
-      fv[u] = load_pack<P>(f_packs + q * P);
-    }
+    if (q < packs.end) load_indexed_pack<P>(z, f, n, q, aligned, zv[u], fv[u]);
   }
 #pragma unroll
   for (int u = 0; u < kChunkSteps; ++u) {
@@ -134,23 +131,6 @@ __device__ __forceinline__ void residual_chunk(const Z* __restrict__ z, const F*
         const A dk = widen<A>(zv[u].v[k]) - fk;
         dd[k % L] = fused_mul_add(dk, dk, dd[k % L]);
         ff[k % L] = fused_mul_add(fk, fk, ff[k % L]);
-      }
-    }
-  }
-
-  constexpr int G = kScalarGroup<Z>;
-  static_assert(G <= L, "the scalar loop adds into lanes 0..G-1");
-  const Range scalars = multi::chunk_scalars<Z>(span, chunk);
-  for (int64_t j = scalars.begin + threadIdx.x; j < scalars.end; j += G * kThreads) {
-#pragma unroll
-    for (int k = 0; k < G; ++k) {
-      const int64_t jk = j + k * kThreads;
-      if (jk < scalars.end) {
-        const int64_t i = scalar_index<P>(span, jk);
-        const A fi = widen<A>(f[i]);
-        const A di = widen<A>(z[i]) - fi;
-        dd[k] = fused_mul_add(di, di, dd[k]);
-        ff[k] = fused_mul_add(fi, fi, ff[k]);
       }
     }
   }
@@ -181,7 +161,7 @@ __global__ void __launch_bounds__(kThreads)
   for (int64_t c = blockIdx.x; c < chunks; c += gridDim.x) {
     const int k = multi::member_of(table.chunk_end, table.count, c);
     const int64_t local = c - (k > 0 ? table.chunk_end[k - 1] : 0);
-    residual_chunk(static_cast<const Z*>(table.state[k]), static_cast<const F*>(table.f[k]), table.span[k], local,
+    residual_chunk(static_cast<const Z*>(table.state[k]), static_cast<const F*>(table.f[k]), table.span[k].n, local,
                    diff_sq, f_sq);
   }
   block_sum2(diff_sq, f_sq);
@@ -218,7 +198,9 @@ __global__ void __launch_bounds__(kThreads)
 // call order within a pair), at most kMultiMaxMembers per launch. fn(S tag, F tag, table, chunks) is
 // called once per launch, in that order, and its first error is returned. Every member is checked
 // (size, supported pair, element alignment) before the first call, so a bad member launches nothing.
-template <typename Fn>
+// kIndexed: chunks in element index order (residual's, multi::indexed_chunk), else by the member's
+// span (the pointwise kernels', multi::chunk_packs / chunk_scalars).
+template <bool kIndexed, typename Fn>
 cudaError_t for_each_launch(const MemberPair* members, int count, Fn&& fn) {
   if (count < 0) return cudaErrorInvalidValue;
   for (int i = 0; i < count; ++i) {
@@ -251,7 +233,7 @@ cudaError_t for_each_launch(const MemberPair* members, int count, Fn&& fn) {
             table.state[k] = m.state;
             table.f[k] = m.f;
             table.span[k] = plan_span(static_cast<const S*>(m.state), static_cast<const F*>(m.f), m.n);
-            chunks += multi::chunk_count<S>(table.span[k]);
+            chunks += kIndexed ? multi::indexed_chunk_count<S>(m.n) : multi::chunk_count<S>(table.span[k]);
             table.chunk_end[k] = chunks;
             return cudaSuccess;
           });
@@ -280,7 +262,7 @@ int max_launches(int count) {
 }  // namespace
 
 cudaError_t multi_affine_update(const MemberPair* members, int count, double a, double b, cudaStream_t stream) {
-  return for_each_launch(members, count, [&](auto s_tag, auto f_tag, const MemberTable& table, int64_t chunks) {
+  return for_each_launch<false>(members, count, [&](auto s_tag, auto f_tag, const MemberTable& table, int64_t chunks) {
     using S = typename decltype(s_tag)::type;
     using F = typename decltype(f_tag)::type;
     int max_blocks = 0;
@@ -314,7 +296,7 @@ cudaError_t multi_residual(const MemberPair* members, int count, bool out_fp64, 
 
   // First pass: every launch's grid, because each launch must know the blocks of all of them.
   unsigned int total_blocks = 0;
-  err = for_each_launch(members, count, [&](auto z_tag, auto f_tag, const MemberTable&, int64_t chunks) {
+  err = for_each_launch<true>(members, count, [&](auto z_tag, auto f_tag, const MemberTable&, int64_t chunks) {
     using Z = typename decltype(z_tag)::type;
     using F = typename decltype(f_tag)::type;
     int max_blocks = 0;
@@ -331,7 +313,7 @@ cudaError_t multi_residual(const MemberPair* members, int count, bool out_fp64, 
   // Zeroed in stream order rather than self-resetting: stays correct across streams and CUDA graphs.
   if ((err = cudaMemsetAsync(ticket, 0, sizeof(unsigned int), stream)) != cudaSuccess) return err;
   unsigned int block_offset = 0;
-  return for_each_launch(members, count, [&](auto z_tag, auto f_tag, const MemberTable& table, int64_t chunks) {
+  return for_each_launch<true>(members, count, [&](auto z_tag, auto f_tag, const MemberTable& table, int64_t chunks) {
     using Z = typename decltype(z_tag)::type;
     using F = typename decltype(f_tag)::type;
     int max_blocks = 0;

@@ -2,8 +2,9 @@
 // a time. Host and device functions, so a host program can check the split without a GPU
 // (tests/test_multi_tensor.py, test_cuda_chunks_cover_every_element_once).
 //
-// A member's elements are planned as for the single-tensor kernels (plan_span: scalar head, 16-byte
-// packs, scalar tail; all scalar when no head aligns both pointers). Chunk c of a member takes packs
+// For the pointwise kernels a member's elements are planned as for the single-tensor kernels
+// (plan_span: scalar head, 16-byte packs, scalar tail; all scalar when no head aligns both pointers);
+// residual's chunks follow the element index instead (indexed_chunk). Chunk c of a member takes packs
 // [c * kChunkPacks, (c + 1) * kChunkPacks) and scalar elements [c * kChunkScalars, (c + 1) *
 // kChunkScalars) (scalar indices as scalar_index numbers them); a member has as many chunks as the
 // longer of the two needs, at least one.
@@ -48,6 +49,21 @@ __host__ __device__ __forceinline__ Range chunk_scalars(const Span& span, int64_
   const int64_t scalars = scalar_count<kPackElems<S>>(span);
   const int64_t begin = min64(c * kChunkScalars<S>, scalars);
   return {begin, min64(begin + kChunkScalars<S>, scalars)};
+}
+
+// residual's chunks, in element index order (common.cuh, load_indexed_pack): chunk c of a member of n
+// elements takes virtual packs [c * kChunkPacks, (c + 1) * kChunkPacks), the last one possibly partial.
+template <typename Z>
+__host__ __device__ __forceinline__ int64_t indexed_chunk_count(int64_t n) {
+  const int64_t chunks = cdiv64(cdiv64(n, kPackElems<Z>), kChunkPacks);
+  return chunks > 0 ? chunks : 1;
+}
+
+template <typename Z>
+__host__ __device__ __forceinline__ Range indexed_chunk(int64_t n, int64_t c) {
+  const int64_t packs = cdiv64(n, kPackElems<Z>);
+  const int64_t begin = min64(c * kChunkPacks, packs);
+  return {begin, min64(begin + kChunkPacks, packs)};
 }
 
 // The member that owns global chunk c: the first k < count with chunk_end[k] > c, where chunk_end

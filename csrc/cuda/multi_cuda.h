@@ -40,7 +40,7 @@ cudaError_t multi_residual_workspace_bytes(int count, size_t* bytes);
 // when out_fp64, else 2 floats. Each member is accumulated in double (float64 z) or float (others)
 // within a chunk of a few thousand elements, everything above that in double. Launches as
 // multi_affine_update; the last block to finish, over all of them, adds all block partials in a
-// fixed order, so the result is the same on every run on a given device. workspace: multi_residual_workspace_bytes
+// fixed order; as for residual, its bits are a function of the values, sizes and device, not of the addresses. workspace: multi_residual_workspace_bytes
 // bytes on the same device, not used by another call until this one has finished on `stream`.
 cudaError_t multi_residual(const MemberPair* members, int count, bool out_fp64, void* out, void* workspace,
                            size_t workspace_bytes, cudaStream_t stream);

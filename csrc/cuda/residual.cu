@@ -2,8 +2,10 @@
 //
 // Each block sums a grid-stride share of the elements (per-lane accumulators, then a fixed warp and
 // block tree) into one partial per block. Blocks then take a ticket; the block that takes the last
-// one sums all partials in block order in double and writes the result. Every step has a fixed
-// order for a given grid, so the result is the same on every run, and nothing waits on the host.
+// one sums all partials in block order in double and writes the result. Which thread, lane and
+// partial an element joins, and in what order, follows from its index alone (common.cuh,
+// load_indexed_pack), so the result is the same on every run, for the same values at any address,
+// and nothing waits on the host.
 #include "common.cuh"
 
 namespace revdeq::cuda {
@@ -17,35 +19,31 @@ using out_t = std::conditional_t<std::is_same_v<Z, double>, double, float>;
 
 template <typename Z, typename F>
 __global__ void __launch_bounds__(kThreads)
-    residual_kernel(const Z* __restrict__ z, const F* __restrict__ f, Span span, acc_t<Z>* __restrict__ partials,
-                    unsigned int* __restrict__ ticket, out_t<Z>* __restrict__ out) {
+    residual_kernel(const Z* __restrict__ z, const F* __restrict__ f, int64_t n, bool aligned,
+                    acc_t<Z>* __restrict__ partials, unsigned int* __restrict__ ticket, out_t<Z>* __restrict__ out) {
   using A = acc_t<Z>;
   constexpr int P = kPackElems<Z>;
   const int64_t tid = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
-  const Z* const z_packs = z + span.head;
-  const F* const f_packs = f + span.head;
+  const int64_t packs = (n + P - 1) / P;  // virtual packs; the last may be partial
 
   // One accumulator per pack lane: independent dependency chains, and each float sum is P times
-  // shorter, which keeps its rounding error down.
+  // shorter, which keeps its rounding error down. Thread tid adds packs tid, tid + stride, ... in order.
   A diff_sq[P], f_sq[P];
 #pragma unroll
   for (int k = 0; k < P; ++k) diff_sq[k] = f_sq[k] = A(0);
 
-  for (int64_t p = tid; p < span.packs; p += kUnroll * stride) {
+  for (int64_t p = tid; p < packs; p += kUnroll * stride) {
     Pack<Z, P> zv[kUnroll];
     Pack<F, P> fv[kUnroll];
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       const int64_t q = p + u * stride;
-      if (q < span.packs) {
-        zv[u] = load_pack<P>(z_packs + q * P);
-        fv[u] = load_pack<P>(f_packs + q * P);
-      }
+      if (q < packs) load_indexed_pack<P>(z, f, n, q, aligned, zv[u], fv[u]);
     }
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
-      if (p + u * stride < span.packs) {
+      if (p + u * stride < packs) {
 #pragma unroll
         for (int k = 0; k < P; ++k) {
           const A fk = widen<A>(fv[u].v[k]);
@@ -53,24 +51,6 @@ __global__ void __launch_bounds__(kThreads)
           diff_sq[k] = fused_mul_add(dk, dk, diff_sq[k]);
           f_sq[k] = fused_mul_add(fk, fk, f_sq[k]);
         }
-      }
-    }
-  }
-
-  // The scalar elements, G per thread and step into the first G lanes (all of them when no pack is
-  // aligned).
-  constexpr int G = kScalarGroup<Z>;
-  const int64_t scalars = scalar_count<P>(span);
-  for (int64_t j = tid; j < scalars; j += G * stride) {
-#pragma unroll
-    for (int k = 0; k < G; ++k) {
-      const int64_t jk = j + k * stride;
-      if (jk < scalars) {
-        const int64_t i = scalar_index<P>(span, jk);
-        const A fi = widen<A>(f[i]);
-        const A di = widen<A>(z[i]) - fi;
-        diff_sq[k] = fused_mul_add(di, di, diff_sq[k]);
-        f_sq[k] = fused_mul_add(fi, fi, f_sq[k]);
       }
     }
   }
@@ -139,8 +119,7 @@ cudaError_t residual(const void* z, DType z_dtype, const void* f, DType f_dtype,
     int max_blocks = 0;
     cudaError_t launch_err = resident_blocks<residual_kernel<Z, F>>(&max_blocks);
     if (launch_err != cudaSuccess) return launch_err;
-    const Span span = plan_span(z_ptr, f_ptr, n);
-    const int grid = grid_for<Z>(span, max_blocks);
+    const int grid = grid_for_indexed<Z>(n, max_blocks);  // from n alone: the order must not follow the addresses
     auto* ticket = static_cast<unsigned int*>(workspace);
     auto* partials = reinterpret_cast<A*>(static_cast<char*>(workspace) + kTicketBytes);
     // The ticket must start at zero. Resetting it here (4 bytes, stream-ordered) instead of keeping
@@ -148,7 +127,8 @@ cudaError_t residual(const void* z, DType z_dtype, const void* f, DType f_dtype,
     // on several streams or inside CUDA graphs replayed on other streams.
     launch_err = cudaMemsetAsync(ticket, 0, sizeof(unsigned int), stream);
     if (launch_err != cudaSuccess) return launch_err;
-    residual_kernel<Z, F><<<grid, kThreads, 0, stream>>>(z_ptr, f_ptr, span, partials, ticket, out_ptr);
+    residual_kernel<Z, F><<<grid, kThreads, 0, stream>>>(z_ptr, f_ptr, n, packs_aligned(z_ptr, f_ptr), partials,
+                                                            ticket, out_ptr);
     return cudaGetLastError();
   });
 }

@@ -33,10 +33,12 @@ cudaError_t affine_update(void* state, DType state_dtype, const void* f, DType f
 // ticket counter); the same for every n.
 cudaError_t residual_workspace_bytes(size_t* bytes);
 
-// out[0] = sum((z - f)^2), out[1] = sum(f^2) over n elements, in one kernel launch whose result is
-// the same on every run on a given device. out points to 2 doubles for float64 z and to 2 floats
-// otherwise; the accumulation is double for float64 z and float (per block) then double (across
-// blocks) otherwise. workspace must hold residual_workspace_bytes() bytes on the same device and
+// out[0] = sum((z - f)^2), out[1] = sum(f^2) over n elements, in one kernel launch. Its bits are a
+// function of the values, n and the device (its SM count and occupancy, which size the grid): the
+// same on every run and for the same values at any addresses, since element i joins the same lane,
+// thread and block partial in the same order whatever the alignment. out points to 2 doubles for
+// float64 z and to 2 floats otherwise; the accumulation is double for float64 z and float (per
+// block) then double (across blocks) otherwise. workspace must hold residual_workspace_bytes() bytes on the same device and
 // must not be used by another call until this one has finished on `stream`.
 cudaError_t residual(const void* z, DType z_dtype, const void* f, DType f_dtype, int64_t n, void* out,
                      void* workspace, size_t workspace_bytes, cudaStream_t stream);
