@@ -45,18 +45,18 @@ __device__ __forceinline__ void report_flags(int32_t flags, int32_t* status) {
   if (threadIdx.x % kLanes == 0 && flags != 0) atomicOr(status, flags);
 }
 
-// Loads the lane's kGroups elements of state and f, all before any is used. A lane past the end
-// loads element n - 1 instead: the loads need no branch, and the caller discards what such a lane
-// computes (no store, no flags, zero remainder bits).
+// Loads the lane's kGroups elements of state and f, all before any is used. A lane past the end loads
+// nothing (zeros): a load of element n - 1 instead would race with the store of the lane that owns
+// it. The caller discards what such a lane computes (no store, no flags, zero remainder bits).
 template <typename F>
 __device__ __forceinline__ void load_group(const int64_t* state, const F* f, int64_t base, int64_t n,
                                            int64_t (&y)[kGroups], F (&fv)[kGroups]) {
 #pragma unroll
   for (int g = 0; g < kGroups; ++g) {
     const int64_t i = base + g * kLanes;
-    const int64_t j = i < n ? i : n - 1;
-    y[g] = state[j];
-    fv[g] = f[j];
+    const bool inside = i < n;
+    y[g] = inside ? state[i] : 0;
+    fv[g] = inside ? f[i] : narrow<F>(0.0f);
   }
 }
 
