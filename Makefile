@@ -1,7 +1,7 @@
 # revdeq_kernels: every target sets up what it needs in a virtual environment (.venv) first.
 #   make demo   set up, then run the main job: gradient check, digits training, quick benchmark
 #   make test   set up, then run the test suite (what CI runs through .ci/run)
-# Other targets: install, bench, cuda-check, lint, gpu, clean.
+# Other targets: install, bench, cuda-check, cuda-emu, cuda-emu-tsan, cuda-emu-mutations, lint, gpu, clean.
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -17,7 +17,7 @@ TORCH_PIP_ARGS ?= $(if $(or $(CPU_TORCH_WHEEL),$(HAVE_NVIDIA)),,--index-url http
 
 CSRC := $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu csrc/cuda/*.cuh csrc/cuda/*.cpp csrc/cuda/*.h)
 
-.PHONY: install test demo bench cuda-check lint gpu gpu-prepare clean
+.PHONY: install test demo bench cuda-check cuda-emu cuda-emu-tsan cuda-emu-mutations lint gpu gpu-prepare clean
 
 # The environment: torch first (so the extension builds against it), then the package with its
 # test, benchmark and example extras.
@@ -50,6 +50,21 @@ bench: install
 
 cuda-check:
 	$(PYTHON) tools/cuda_check.py
+
+# The CUDA kernels executed on the CPU (tests/cuda_emulation/README.md): every section in full on the
+# plain build, then the quick sections under AddressSanitizer + UBSan. No torch, no GPU.
+EMU := tests/cuda_emulation
+cuda-emu:
+	$(PYTHON) $(EMU)/emu_build.py --variant plain --run
+	$(PYTHON) $(EMU)/emu_build.py --variant asan --run --quick
+
+# The *-small sections under ThreadSanitizer, one OS thread per CUDA thread.
+cuda-emu-tsan:
+	$(PYTHON) $(EMU)/emu_build.py --variant tsan --run --small
+
+# Plant known kernel bugs one at a time; every one must make the suite fail (several minutes).
+cuda-emu-mutations:
+	$(PYTHON) $(EMU)/mutations.py
 
 # On the GPU machine (its python3 already has torch with CUDA, Triton, pytest; no network, no .venv):
 # build for sm_90 only, GPU tests, verify.py, compute-sanitizer, full benchmarks; logs and results

@@ -39,7 +39,7 @@ __host__ __device__ __forceinline__ uint32_t transpose_step(uint32_t row, uint32
   return lane & j ? (row & high) | ((other & high) >> j) : (row & ~high) | ((other & ~high) << j);
 }
 
-#if defined(__CUDACC__)
+#if defined(__CUDACC__) || defined(REVDEQ_CUDA_EMULATION)  // device code: nvcc, or tests/cuda_emulation
 // Transposes the 32 x 32 bit matrix whose row l is lane l's `row`: lane k gets column k, i.e. bit l of
 // the result is bit k of lane l's row. Five shuffles whatever m is (one __ballot_sync per plane and
 // group would take 4m votes and as many selects per tile). Every lane of the warp must call it.
