@@ -15,7 +15,7 @@ CPU_TORCH_WHEEL := $(firstword $(foreach d,$(subst :, ,$(PIP_FIND_LINKS)),$(wild
 HAVE_NVIDIA := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo yes)
 TORCH_PIP_ARGS ?= $(if $(or $(CPU_TORCH_WHEEL),$(HAVE_NVIDIA)),,--index-url https://download.pytorch.org/whl/cpu)
 
-CSRC := $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu csrc/cuda/*.cuh csrc/cuda/*.cpp csrc/cuda/*.h)
+CSRC := $(shell find csrc -type f)
 
 .PHONY: install test demo bench cuda-check cuda-emu cuda-emu-tsan cuda-emu-mutations lint gpu gpu-prepare clean
 

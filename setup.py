@@ -82,8 +82,8 @@ def _extensions():
             "    pip install --no-build-isolation -e ."
         ) from None
 
-    cpu_sources = _sources("csrc/*.cpp", "csrc/cpu/*.cpp")
-    cuda_sources = _sources("csrc/cuda/*.cu", "csrc/cuda/*.cpp")
+    cpu_sources = _sources("csrc/*.cpp", "csrc/common/*.cpp", "csrc/cpu/*.cpp")
+    cuda_sources = _sources("csrc/cuda/kernels/*.cu", "csrc/cuda/bindings/*.cpp")
     build_cuda, why = _cuda_decision(torch, cpp_extension, cuda_sources)
 
     cxx_flags = ["-O3", "-fvisibility=hidden"]

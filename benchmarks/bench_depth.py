@@ -171,12 +171,8 @@ def run(args) -> str:
     finally:
         progress.close()
 
-    payload = {
-        "schema": SCHEMA,
-        "benchmark": NAME,
-        "env": env,
-        "config": {
-            "quick": bool(args.quick), "data": data.summary(), "steps": steps_list, **cfg,
+    payload = common.payload(SCHEMA, NAME, env, args.quick, {
+            "data": data.summary(), "steps": steps_list, **cfg,
             "optimizer": f"Adam(lr={args.lr:g})", "block": "tanh(Linear(width, width)(z) + x)",
             "revdeq": "RevDEQ(block, beta, max_steps=N, tol=None): float64 states, float32 f",
             "explicit": "2N untied copies of the block from z = 0, each given the same injection x",
@@ -185,9 +181,7 @@ def run(args) -> str:
                       "over a forward+backward above the allocation before it (CUDA only)",
             "step_time": f"forward + backward + Adam step, every step after the first {WARMUP_STEPS}",
             "drift_max": "RevDEQ only: the largest info['drift'] (reconstruction drift of the backward) in training",
-        },
-        "results": results,
-    }
+    }, results=results)
     path = args.output or default_path(device, args.quick, args.out)
     return common.publish(payload, path, format_table(payload))
 

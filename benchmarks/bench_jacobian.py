@@ -168,12 +168,8 @@ def run(args) -> str:
     finally:
         progress.close()
 
-    payload = {
-        "schema": SCHEMA,
-        "benchmark": NAME,
-        "env": env,
-        "config": {
-            "quick": bool(args.quick), "data": data.summary(), "gammas": gammas, "epochs": epochs,
+    payload = common.payload(SCHEMA, NAME, env, args.quick, {
+            "data": data.summary(), "gammas": gammas, "epochs": epochs,
             "width": args.width, "batch": args.batch, "optimizer": f"Adam(lr={args.lr:g})", "beta": args.beta,
             "max_steps": args.max_steps, "tol": args.tol, "state_dtype": "float64", "f_dtype": "float32",
             "jac_samples": args.jac_samples, "radius_iters": args.radius_iters, "eval_probes": EVAL_PROBES,
@@ -181,9 +177,7 @@ def run(args) -> str:
             "model": "Linear(features, width) -> RevDEQ(tanh(Linear(z) + x)) -> Linear(width, classes)",
             "loss": "cross_entropy + gamma * info['jac_penalty'] (Hutchinson estimate of ||df/dz||_F^2 / dim)",
             "epoch_0": "the initial model, before training",
-        },
-        "results": results,
-    }
+    }, results=results)
     path = args.output or default_path(device, args.quick, args.out)
     return common.publish(payload, path, format_table(payload), None if args.no_plots else lambda p, f: [plot(p, f)])
 

@@ -2,7 +2,7 @@
 
 One training step is ``z = solve(f, x, z0); loss = (z * w).sum(); loss.backward()`` for a realistic
 ``f(z, x)`` (``benchmarks/blocks.py``: a pre-norm transformer block and a residual conv block, float32),
-run for ``N`` steps of the RevDEQ iteration (solver.py) by each method:
+run for ``N`` steps of the RevDEQ iteration (revdeq_kernels/solver/loop.py) by each method:
 
 - ``revdeq``: ``reversible_fixed_point(f, x, z0=z0, beta, max_steps=N, tol=None)``: float64 states, no
   host synchronisation; the backward rebuilds the states in place and keeps one graph of f at a time.
@@ -402,12 +402,8 @@ def run(args) -> str:
         progress.close()
 
     headline = "cuda_peak_bytes" if device.type == "cuda" else "saved_bytes"
-    payload = {
-        "schema": SCHEMA,
-        "benchmark": NAME,
-        "env": env,
-        "config": {
-            "quick": bool(args.quick), "size": size, "steps": steps_list, "beta": args.beta, "seed": args.seed,
+    payload = common.payload(SCHEMA, NAME, env, args.quick, {
+            "size": size, "steps": steps_list, "beta": args.beta, "seed": args.seed,
             "repeats": repeats, "methods": {m: METHOD_DESCRIPTIONS[m] for m in names}, "f": kind_info,
             "block_definitions": {"transformer": "h = x + MultiheadAttention(LN1(z)); f = h + MLP(LN2(h)), "
                                                  "MLP = Linear(d, 4d), GELU, Linear(4d, d)",
@@ -424,12 +420,7 @@ def run(args) -> str:
                               "unrolled loop (see references)",
             "torchdeq_gradient": TORCHDEQ_GRADIENT,
             "tf32": _tf32_flags() if device.type == "cuda" else None,
-        },
-        "results": results,
-        "references": references,
-        "summary": summarize(results, headline),
-        "skipped": skipped,
-    }
+    }, results=results, references=references, summary=summarize(results, headline), skipped=skipped)
     path = args.output or default_path(device, args.quick, args.out)
     from . import plots
 
@@ -457,7 +448,7 @@ def measure(case, f64, steps, beta, names, repeats, device, skipped, get_deq) ->
         except torch.cuda.OutOfMemoryError as exc:
             skipped.append({"method": method, "f_kind": case.kind, "steps": steps,
                             "reason": f"out of memory: {str(exc).splitlines()[0]}"})
-        except rk.fixed_point.FixedPointError as exc:  # exact mode on an f whose kernels are not deterministic
+        except rk.ExactModeError as exc:  # exact mode on an f whose kernels are not deterministic
             skipped.append({"method": method, "f_kind": case.kind, "steps": steps, "reason": str(exc)})
         if row is None:
             _free(device)  # outside the except block, whose traceback holds the failed step's graph

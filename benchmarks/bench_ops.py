@@ -279,21 +279,12 @@ def run(args) -> str:
     finally:
         progress.close()
 
-    payload = {
-        "schema": SCHEMA,
-        "benchmark": NAME,
-        "env": env,
-        "config": {
-            "quick": bool(args.quick), "sizes": sizes, "ops": args.ops,
+    payload = common.payload(SCHEMA, NAME, env, args.quick, {
+            "sizes": sizes, "ops": args.ops,
             "dtypes": {k: [str(DTYPES[k][0])[6:], str(DTYPES[k][1])[6:]] for k in args.dtypes},
             "beta": BETA, "compile_backend": compiler.backend, "cache_multiple": common.CACHE_MULTIPLE,
             "max_sets": common.MAX_SETS, **timing, "bytes_rule": "each input read once, each output written once",
-        },
-        "copy": copies,
-        "results": results,
-        "skipped": skipped + compiler.failures,
-        "compile_times": compiler.times,
-    }
+    }, copy=copies, results=results, skipped=skipped + compiler.failures, compile_times=compiler.times)
     path = args.output or default_path(device, args.quick, args.out)
     from . import plots
 

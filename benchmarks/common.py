@@ -442,6 +442,13 @@ def result_path(benchmark: str, device: torch.device, quick: bool, out_dir: str 
     return os.path.join(out_dir or RESULTS_DIR, f"{benchmark}-{name}{'-quick' if quick else ''}.json")
 
 
+def payload(schema: int, benchmark: str, env: dict, quick: bool, config: dict, **sections) -> dict:
+    """A run's JSON document: schema, benchmark name, environment, the config (``quick`` first), then the
+    benchmark's own sections (``results`` and whatever else it records), in that order."""
+    return {"schema": schema, "benchmark": benchmark, "env": env, "config": {"quick": bool(quick), **config},
+            **sections}
+
+
 def publish(payload: dict, path: str, table: str, plot=None) -> str:
     """The end of every benchmark run: write the JSON, print the table, draw the plots; returns the path.
 

@@ -90,7 +90,7 @@ def finite_or_none(v: float):
 
 
 def effective_beta(beta, mode) -> float:
-    return rk.fixed_point.dyadic_beta(beta).value if mode == "exact" else beta
+    return rk.exact.dyadic_beta(beta).value if mode == "exact" else beta
 
 
 def measure(device):

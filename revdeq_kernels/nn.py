@@ -2,9 +2,8 @@
 
 import torch
 
-from . import jacobian
-from .autograd import solve
-from .solver import SolverOptions
+from . import diagnostics
+from .solver import SolverOptions, solve
 
 
 class RevDEQ(torch.nn.Module):
@@ -36,7 +35,7 @@ class RevDEQ(torch.nn.Module):
     ``forward(x, z0=None)``: ``x`` a tensor or tuple of tensors, ``z0`` the start (default zeros
     shaped like x's first tensor), or a tuple (or list) of tensors for a tuple state, with ``f``
     returning as many (see :func:`~revdeq_kernels.reversible_fixed_point`). Returns ``z`` in z0's
-    dtype (else x's), structured like z0. The last call's :class:`~revdeq_kernels.info.SolverInfo` is
+    dtype (else x's), structured like z0. The last call's :class:`~revdeq_kernels.solver.info.SolverInfo` is
     kept as ``self.info``.
 
     Example:
@@ -74,9 +73,9 @@ class RevDEQ(torch.nn.Module):
                                           check_every=check_every, state_dtype=state_dtype,
                                           max_drift=max_drift, backend=backend, exact=exact,
                                           frac_bits=frac_bits)
-        self.jac_samples = jacobian.sample_count("RevDEQ", "jac_reg", jac_reg, default=1)
-        self.radius_iters = jacobian.sample_count("RevDEQ", "spectral_radius", spectral_radius,
-                                                  default=jacobian.DEFAULT_RADIUS_ITERS)
+        self.jac_samples = diagnostics.sample_count("RevDEQ", "jac_reg", jac_reg, default=1)
+        self.radius_iters = diagnostics.sample_count("RevDEQ", "spectral_radius", spectral_radius,
+                                                  default=diagnostics.DEFAULT_RADIUS_ITERS)
         self.info = None
 
     def forward(self, x, z0=None):
@@ -88,12 +87,12 @@ class RevDEQ(torch.nn.Module):
         jac_samples = self.jac_samples if self.training else 0
         penalty = hessenberg = None
         if jac_samples or self.radius_iters:
-            penalty, hessenberg = jacobian.at_equilibrium("RevDEQ", self.f, z, x, jac_samples=jac_samples,
+            penalty, hessenberg = diagnostics.at_equilibrium("RevDEQ", self.f, z, x, jac_samples=jac_samples,
                                                           radius_iters=self.radius_iters)
         if self.jac_samples:
             info.set_diagnostic("jac_penalty", penalty)  # None in eval mode: the key says it is configured
         if hessenberg is not None:
-            info.set_diagnostic("spectral_radius", lambda: jacobian.radius_of(hessenberg))
+            info.set_diagnostic("spectral_radius", lambda: diagnostics.radius_of(hessenberg))
         self.info = info
         return z
 

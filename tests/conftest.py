@@ -1,11 +1,7 @@
 import os
-import sys
 
 import pytest
 import torch
-
-# Tests import the shared case helpers (tests/op_cases.py) as a plain module.
-sys.path.insert(0, os.path.dirname(__file__))
 
 # Without a GPU the Triton kernels run in Triton's interpreter on CPU tensors. triton.jit reads this
 # when a kernel is defined, so it must be set before any test module imports triton.

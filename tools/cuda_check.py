@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Compile every csrc/cuda/*.cu with nvcc alone and fail on any spill to local memory.
+"""Compile every csrc/cuda/kernels/*.cu with nvcc alone and fail on any spill to local memory.
 
     python tools/cuda_check.py [--archs "8.0;9.0"] [--nvcc PATH]
 
@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CUDA_DIR = os.path.join(ROOT, "csrc", "cuda")
+CUDA_DIR = os.path.join(ROOT, "csrc", "cuda", "kernels")
 DEFAULT_ARCHS = "8.0;9.0"
 
 # setup.py's flags and the defines torch's CUDAExtension adds (no implicit half conversions), at the
@@ -142,7 +142,7 @@ def compile_one(nvcc: str, source: str, caps: list, workdir: str) -> tuple:
 
 
 def check(archs: str = DEFAULT_ARCHS, nvcc: str | None = None, sources: list | None = None) -> Report:
-    """Compile `sources` (default: every csrc/cuda/*.cu) for `archs`, in parallel."""
+    """Compile `sources` (default: every csrc/cuda/kernels/*.cu) for `archs`, in parallel."""
     nvcc = find_nvcc(nvcc)
     if nvcc is None:
         raise FileNotFoundError("nvcc not found: put it on PATH or set CUDA_HOME")

@@ -67,7 +67,7 @@ fi
 want verify && step verify "$PY" .gpu/verify.py --out "$RESULTS"
 if want sanitizer && command -v compute-sanitizer >/dev/null; then
     step sanitizer compute-sanitizer --tool memcheck --error-exitcode 1 \
-        "$PY" -m pytest -m gpu -q -x tests/test_cuda.py tests/test_exact_cuda.py
+        "$PY" -m pytest -m gpu -q -x tests/backends/test_cuda.py tests/backends/test_cuda_exact.py
 fi
 want bench && step bench "$PY" -m benchmarks --out "$RESULTS"
 

@@ -1,5 +1,5 @@
-// The per-range loops of the C++ CPU kernels, shared by the single-tensor ops (ops_cpu.cpp) and the
-// multi-tensor ops (multi_cpu.cpp) so that both compute every element and every partial sum the
+// The per-range loops of the C++ CPU kernels, shared by the single-tensor ops (pointwise.cpp) and the
+// multi-tensor ops (multi.cpp) so that both compute every element and every partial sum the
 // same way. Threading is left to the callers.
 #pragma once
 
@@ -8,7 +8,7 @@
 #include <cstring>
 #include <type_traits>
 
-#include "dispatch.h"
+#include "common/dispatch.h"
 
 namespace revdeq::cpu {
 
@@ -88,6 +88,14 @@ void residual_range(const Z* __restrict__ z, const F* __restrict__ f, int64_t be
   }
   *diff_sq = dd;
   *f_sq = ff;
+}
+
+// The residual ops' result: the two double sums as a (2,) tensor of `dtype` with `options`' device.
+inline at::Tensor sums_tensor(const double (&sums)[2], const at::TensorOptions& options, at::ScalarType dtype) {
+  at::Tensor out = at::empty({2}, options.dtype(at::kDouble));
+  out.data_ptr<double>()[0] = sums[0];
+  out.data_ptr<double>()[1] = sums[1];
+  return out.to(dtype);
 }
 
 }  // namespace revdeq::cpu

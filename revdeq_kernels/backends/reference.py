@@ -2,24 +2,21 @@
 
 Arithmetic happens in float64 for float64 states and in float32 otherwise, then rounds once to
 the state's dtype, which is what the compiled backends do too. The fixed-point ops (exact mode)
-follow revdeq_kernels/fixed_point.py to the bit, in int64 tensor arithmetic.
+follow revdeq_kernels/exact to the bit, in int64 tensor arithmetic. Runs wherever torch runs.
 """
 
 import math
 
 import torch
 
-from ..fixed_point import LIMIT, FixedStatus, inverse_mod_2_64, pack_remainder, unpack_remainder
+from ..exact import LIMIT, FixedStatus, inverse_mod_2_64, pack_remainder, unpack_remainder
+from ..ops.dtypes import compute_dtype, multi_residual_dtype
 
 NAME = "reference"
 
 
-def unavailable_reason(device_type: str) -> str | None:
-    return None  # runs wherever torch runs
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+def unavailable_reason(device_type: str, family: str) -> str | None:
+    return None  # every family, wherever torch runs
 
 
 def relax_(state: torch.Tensor, f_val: torch.Tensor, beta: float) -> None:
@@ -43,15 +40,6 @@ def residual(z: torch.Tensor, fz: torch.Tensor) -> torch.Tensor:
 # compiled backends do the same arithmetic per element in one op call.
 
 
-def multi_unavailable_reason(device_type: str) -> str | None:
-    return None
-
-
-def multi_residual_dtype(zs) -> torch.dtype:
-    """residual's dtype for a sequence of z: float64 when any member is float64, float32 otherwise."""
-    return torch.float64 if any(z.dtype == torch.float64 for z in zs) else torch.float32
-
-
 def multi_relax_(states: list, f_vals: list, beta: float) -> None:
     for state, f_val in zip(states, f_vals):
         if state.numel() > 0:
@@ -71,10 +59,6 @@ def multi_residual(zs: list, fzs: list) -> torch.Tensor:
         if z.numel() > 0:
             total = total + residual(z, fz).to(torch.float64)
     return total.to(multi_residual_dtype(zs))
-
-
-def fixed_unavailable_reason(device_type: str) -> str | None:
-    return None
 
 
 def _in_range(v: torch.Tensor) -> torch.Tensor:

@@ -74,8 +74,7 @@ from torchdeq.solver.stat import SolverStat
 from torchdeq.utils.config import DEQConfig
 from torchdeq.utils.layer_utils import MDEQWrapper
 
-from ..autograd import solve
-from ..solver import SolverOptions
+from ..solver import SolverOptions, solve
 from .closures import find_closure_tensors, substituted
 
 CORE_NAME = "revdeq"
@@ -178,7 +177,7 @@ class RevDEQStat(SolverStat):
     - ``"nstep"``: ``(B,)``, f evaluations the steps used (2 per step), the unit of ``f_max_iter``.
     - ``"sradius"``: ``(1,)``: -1 in training, 0 in eval, or ``(B,)`` with ``sradius_mode=True`` in eval.
 
-    ``solver_info`` is the :class:`~revdeq_kernels.info.SolverInfo`: ``"steps"``, ``"residual"`` and, after
+    ``solver_info`` is the :class:`~revdeq_kernels.solver.info.SolverInfo`: ``"steps"``, ``"residual"`` and, after
     the backward, ``"drift"``.
 
     Example:

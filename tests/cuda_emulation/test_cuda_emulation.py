@@ -72,7 +72,7 @@ def test_every_section_passes_under_address_and_undefined_behavior_sanitizers():
 @needs_tools
 def test_small_sections_have_no_data_race_under_thread_sanitizer():
     # Among them exact mode on partial warp tiles, where lanes past the end used to load the element
-    # their neighbour lane stores (csrc/cuda/fixed.cu, load_group).
+    # their neighbour lane stores (csrc/cuda/kernels/exact.cu, load_group).
     binary = _built("tsan")
     rc, output = _run(binary, "--small", env=build.RUN_ENV["tsan"])
     assert "ThreadSanitizer" not in output, output[-8000:]

@@ -12,7 +12,7 @@ namespace {
 
 using harness::Guarded;
 constexpr int64_t kLimit = int64_t{1} << 53;
-constexpr int64_t kTile = 128;  // elements a warp owns per tile (fixed_pack.cuh)
+constexpr int64_t kTile = 128;  // elements a warp owns per tile (exact_pack.cuh)
 
 int64_t words_for(int64_t n) { return (n + 31) / 32; }
 

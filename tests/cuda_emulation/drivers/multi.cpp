@@ -6,7 +6,6 @@
 #include <set>
 #include <vector>
 
-#include "cuda/multi_cuda.h"
 #include "harness.h"
 #include "types.h"
 

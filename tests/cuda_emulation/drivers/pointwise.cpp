@@ -13,7 +13,7 @@ namespace {
 using harness::Guarded;
 using revdeq::cuda::affine_update;
 
-// (a, b) of relax_ and unrelax_ at a few betas, as csrc/checks.cpp computes them.
+// (a, b) of relax_ and unrelax_ at a few betas, as csrc/common/checks.cpp computes them.
 struct Coefficients {
   const char* name;
   double a, b;

@@ -1,5 +1,5 @@
 // The independent reference the drivers compare the emulated kernels with: element arithmetic
-// written from the documented rules (csrc/cuda/revdeq_cuda.h, revdeq_kernels/fixed_point.py), not
+// written from the documented rules (csrc/cuda/kernels/revdeq_cuda.h, revdeq_kernels/exact), not
 // from the kernels' code. Half and bfloat16 conversions are done on the bits here, so a toolkit
 // conversion bug would show too.
 #pragma once
@@ -145,7 +145,7 @@ S affine(S state, F f, double a, double b) {
   return from_acc<S>(std::fma(static_cast<A>(a), sa, static_cast<A>(b) * fa));
 }
 
-// ---- exact mode (revdeq_kernels/fixed_point.py), in 128-bit integers ---------------------------
+// ---- exact mode (revdeq_kernels/exact), in 128-bit integers ---------------------------
 
 constexpr int64_t kLimit = int64_t{1} << 53;
 enum Flags : int32_t { kFNotFinite = 1, kFOutOfRange = 2, kStateOutOfRange = 4, kInverseMismatch = 8 };
@@ -211,7 +211,7 @@ inline uint64_t inverse_mod_2_64(int64_t keep) {
   return static_cast<uint64_t>(((x0 % modulus) + modulus) % modulus);
 }
 
-// The inverse half-step as fixed_point.py defines it: y0 = ((y1 << m) + r - p * q) * (2^m - p)^-1
+// The inverse half-step as revdeq_kernels/exact defines it: y0 = ((y1 << m) + r - p * q) * (2^m - p)^-1
 // modulo 2^64, written when within the range, else flagged as a mismatch (f is not what the forward saw).
 inline FixedResult unrelax_fixed(int64_t y1, double f, uint32_t r, int64_t p, int m, int frac_bits) {
   int32_t why = 0;

@@ -8,7 +8,7 @@
 #include <cstdint>
 #include <type_traits>
 
-#include "cuda/revdeq_cuda.h"
+#include "cuda/kernels/revdeq_cuda.h"
 
 namespace types {
 

@@ -1,0 +1,86 @@
+// C++ CPU kernels for relax_, unrelax_ and residual, registered for the CPU dispatch key.
+// The per-range loops live in loops.h (the pointwise one vectorized by the compiler, the reduction
+// with explicit vector types); here they are parallelized with at::parallel_for. Half types are
+// widened to float for the arithmetic.
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "common/checks.h"
+#include "common/dispatch.h"
+#include "common/layout.h"
+#include "cpu/loops.h"
+
+namespace revdeq {
+namespace {
+
+using cpu::kPointwiseGrain;
+using cpu::kResidualChunk;
+
+template <typename S, typename F>
+void affine_kernel(S* state, const F* f, int64_t n, double a, double b) {
+  using acc_t = typename AccType<S>::type;
+  at::parallel_for(0, n, kPointwiseGrain, [&](int64_t begin, int64_t end) {
+    cpu::affine_range(state, f, begin, end, static_cast<acc_t>(a), static_cast<acc_t>(b));
+  });
+}
+
+template <typename Z, typename F>
+void residual_kernel(const Z* z, const F* f, int64_t n, double* sums) {
+  const int64_t chunks = (n + kResidualChunk - 1) / kResidualChunk;
+  std::vector<double> partial(2 * chunks, 0.0);
+  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      const int64_t begin = c * kResidualChunk;
+      cpu::residual_range(z, f, begin, std::min(n, begin + kResidualChunk), &partial[2 * c], &partial[2 * c + 1]);
+    }
+  });
+  sums[0] = sums[1] = 0.0;
+  for (int64_t c = 0; c < chunks; ++c) {
+    sums[0] += partial[2 * c];
+    sums[1] += partial[2 * c + 1];
+  }
+}
+
+// relax_ (kInverse false) and unrelax_ (true).
+template <bool kInverse>
+void affine_update_cpu(const at::Tensor& state, const at::Tensor& f_val, double beta) {
+  const char* op = kInverse ? "unrelax_" : "relax_";
+  check_pointwise(op, state, f_val, beta, c10::DeviceType::CPU);
+  if (state.numel() == 0) return;
+  const auto [a, b] = update_coefficients(beta, kInverse);
+  with_flat_layout(state, f_val, /*write_back=*/true, [&](const at::Tensor& s, const at::Tensor& f) {
+    dispatch_pair(s.scalar_type(), f.scalar_type(), op, [&](auto s_tag, auto f_tag) {
+      using S = typename decltype(s_tag)::type;
+      using F = typename decltype(f_tag)::type;
+      affine_kernel<S, F>(s.data_ptr<S>(), f.data_ptr<F>(), s.numel(), a, b);
+    });
+  });
+}
+
+at::Tensor residual_cpu(const at::Tensor& z, const at::Tensor& fz) {
+  check_residual(z, fz, c10::DeviceType::CPU);
+  double sums[2] = {0.0, 0.0};
+  if (z.numel() > 0) {
+    with_flat_layout(z, fz, /*write_back=*/false, [&](const at::Tensor& zf, const at::Tensor& ff) {
+      dispatch_pair(zf.scalar_type(), ff.scalar_type(), "residual", [&](auto z_tag, auto f_tag) {
+        using Z = typename decltype(z_tag)::type;
+        using F = typename decltype(f_tag)::type;
+        residual_kernel<Z, F>(zf.data_ptr<Z>(), ff.data_ptr<F>(), zf.numel(), sums);
+      });
+    });
+  }
+  return cpu::sums_tensor(sums, z.options(), residual_dtype(z));
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(revdeq, CPU, m) {
+  m.impl("relax_", &affine_update_cpu<false>);
+  m.impl("unrelax_", &affine_update_cpu<true>);
+  m.impl("residual", &residual_cpu);
+}
+
+}  // namespace revdeq

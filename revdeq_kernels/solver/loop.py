@@ -1,0 +1,274 @@
+"""The RevDEQ fixed-point solver: the forward iteration and its reversible backward (DESIGN.md section 1).
+
+Forward, from ``y[0] = z[0] = z0`` (evaluation ``k`` of ``f`` is numbered ``0, 1, ..., 2 * steps``)::
+
+    fz = f(z[0])                                          # evaluation 0
+    for n in 1 .. steps:
+        y[n] = relax_(y[n-1], f(z[n-1]), beta)            # uses evaluation 2n-2
+        z[n] = relax_(z[n-1], f(y[n]), beta)              # evaluation 2n-1
+        fz = f(z[n]); record residual(z[n], fz)           # evaluation 2n
+
+Backward with pre-scaled adjoints ``hz = beta * dL/dz[n]`` and ``hy = beta * dL/dy[n+1]`` (0 at first),
+for n = steps .. 1, each evaluation of ``f`` replaying its forward RNG state::
+
+    fy = f(y[n]);     z[n-1] = unrelax_(z[n], fy)         a = vjp(fy, hz);  hy = relax_(hy, a)
+    fz = f(z[n-1]);   y[n-1] = unrelax_(y[n], fz)         b = vjp(fz, hy);  hz = relax_(hz, b)
+
+after which ``dL/dz0 = (hz + (1 - beta) * hy) / beta``. Each vjp also yields this step's exact
+contribution to dL/dparams and dL/dx. At the end ``y[0]`` and ``z[0]`` must equal ``z0``: their
+difference is the reconstruction drift.
+
+Host synchronisation: with ``tol=None`` none at all; the device keeps the evidence (the residual
+after every step, NaN-propagating checks in the backward, the drift) and :class:`SolverInfo` reads it
+once when asked. With a tolerance the forward reads the residuals back every ``check_every``
+steps and the backward reads its evidence once at the end.
+
+:class:`~revdeq_kernels.solver.states.FloatStates` is the one place that knows how a state is stored,
+relaxed, un-relaxed and shown to ``f``; the loops below only call it. Exact mode swaps in
+:class:`~revdeq_kernels.solver.exact_states.FixedStates` (int64 fixed point, bit-reversible) and nothing else
+changes: the adjoints stay floating point. :class:`~revdeq_kernels.solver.rng.RngTape`
+replays randomness; :class:`~revdeq_kernels.solver.info.SolverInfo` reports.
+
+Tuple states (z0 and f's output tuples of tensors) run the same loops: values of the state's
+structure (``fz``, ``fy``, the vjps ``a`` and ``b``) are a tensor or a tuple of member tensors, the
+states and the adjoints ``hy``, ``hz`` are one buffer each laid out by a
+:class:`~revdeq_kernels.solver.layout.StateLayout`, and every fused op is one multi-tensor call.
+"""
+
+import contextlib
+import dataclasses
+
+import torch
+
+from .. import ops
+from .exact_states import FixedStates
+from .info import SolverInfo
+from .layout import StateLayout
+from .problem import FIRST_EVALUATION, Problem, check_declared, check_partial
+from .rng import RngTape
+from .states import FloatStates
+
+# With a tolerance, exact mode allocates remainders for this many steps first and then doubles the
+# capacity as the forward goes on (tol=None allocates all max_steps at once).
+FIRST_REMAINDER_STEPS = 16
+
+
+def start_states(problem: Problem, z0, keep_remainders: bool):
+    """The two states at z0 (a tensor or tuple of tensors, or None: zeros): :class:`FloatStates`, or
+    :class:`FixedStates` in exact mode.
+
+    ``keep_remainders``: a backward will follow, so exact mode keeps every half-step's remainder bits."""
+    o = problem.options
+    if o.exact:
+        first = o.max_steps if o.tol is None else min(o.max_steps, FIRST_REMAINDER_STEPS)
+        return FixedStates.start(z0, problem.layout, o.dyadic_beta, o.frac_bits, o.backend, o.max_steps,
+                                 first if keep_remainders else None)
+    return FloatStates.start(z0, problem.layout, o.state_dtype, o.beta, o.backend)
+
+
+def restore_states(problem: Problem, saved, steps: int):
+    """The states again from what ``states.saved()`` returned after a forward of ``steps`` steps."""
+    o = problem.options
+    if o.exact:
+        return FixedStates.from_saved(saved, problem.layout, o.dyadic_beta, o.frac_bits, o.backend, steps)
+    return FloatStates.from_saved(saved, problem.layout, o.beta, o.backend)
+
+
+@dataclasses.dataclass
+class ForwardResult:
+    states: FloatStates | FixedStates
+    steps: int
+    tape: RngTape
+
+
+def forward(problem: Problem, info: SolverInfo, x, x_tensors, z0, declared=None, keep_rng=True) -> ForwardResult:
+    """Run the forward iteration without keeping any graph of ``f``.
+
+    Args:
+        x: what f receives; x_tensors: its tensors (for the RNG devices).
+        z0: the start (any floating dtype the state can hold; a tuple of members for a tuple state), or
+            None for zeros.
+        declared: when not None, the tensors that may carry gradients into f; the first evaluation then
+            runs with grad enabled so :func:`check_declared` can look at its graph.
+        keep_rng: a backward will follow: record the RNG state before each evaluation of f for it to
+            replay (and, in exact mode, keep every half-step's remainder bits).
+    """
+    o = problem.options
+    states = start_states(problem, z0, keep_rng)
+    history = torch.empty(o.max_steps + 1, 2, dtype=states.residual_dtype, device=problem.device)
+    info.start_forward(history, states.status)
+    tape = RngTape([*x_tensors, states.z] if keep_rng else None)
+
+    tape.record()
+    if declared is None:
+        fz = problem.evaluate(states.show("z"), x, FIRST_EVALUATION)
+    else:
+        with torch.enable_grad():
+            fz = problem.evaluate(states.show("z"), x, FIRST_EVALUATION)
+            check_declared(problem, fz, declared)
+        fz = problem.layout.detach(fz)
+    history[0] = states.residual(fz)
+    steps = 0
+    for n in range(1, o.max_steps + 1):
+        where = f"forward pass, step {n}"
+        states.relax_("y", fz)
+        del fz
+        tape.record()
+        fy = problem.evaluate(states.show("y"), x, where)
+        states.relax_("z", fy)
+        del fy
+        tape.record()
+        fz = problem.evaluate(states.show("z"), x, where)
+        history[n] = states.residual(fz)
+        steps = n
+        if o.tol is not None and (n % o.check_every == 0 or n == o.max_steps):
+            if info.read_forward_rows(n) <= o.tol:
+                break
+    tape.finish()
+    states.finish_forward()
+    info.steps = steps
+    info.add_facts(states.facts(steps))
+    return ForwardResult(states, steps, tape)
+
+
+class _GradSink:
+    """Sums the per-evaluation gradients of the solve's inputs, in at least float32.
+
+    ``tensors`` are what each vjp differentiates with respect to, ``slots[i]`` the output each one
+    adds into: an x tensor can appear twice, as the detached argument f receives and as the
+    original a closure may hold, both feeding x's gradient.
+    """
+
+    def __init__(self, tensors, slots, n_slots):
+        self.tensors, self.slots = list(tensors), list(slots)
+        self.sums = [None] * n_slots
+
+    def add(self, grads) -> None:
+        for slot, g in zip(self.slots, grads):
+            if g is None:
+                continue
+            if self.sums[slot] is None:
+                self.sums[slot] = g.to(torch.promote_types(g.dtype, torch.float32), copy=True)
+            else:
+                self.sums[slot] += g
+
+
+def _vjp(layout: StateLayout, out, z_in, cotangent: torch.Tensor, sink: _GradSink):
+    """cotangent^T df/dz at this evaluation; adds cotangent^T df/d(x, params) to ``sink``.
+
+    ``out`` and ``z_in`` are structured like the state (a tensor, or a tuple of members: then one
+    autograd.grad over all of them); ``cotangent`` is an adjoint buffer. Returns structured like z."""
+    outs, ins = layout.split(out), layout.split(z_in)
+    cotangents = layout.split(layout.cast(cotangent, [t.dtype for t in outs]))
+    # Members f computes from nothing that requires grad have no graph and contribute nothing.
+    live = [(t, c) for t, c in zip(outs, cotangents) if t.requires_grad]
+    grads = [None] * len(ins)
+    if live:
+        found = torch.autograd.grad([t for t, _ in live], [*ins, *sink.tensors], [c for _, c in live],
+                                    allow_unused=True)
+        grads = found[:len(ins)]
+        sink.add(found[len(ins):])
+    return layout.join([torch.zeros_like(t) if g is None else g for g, t in zip(grads, ins)])
+
+
+@contextlib.contextmanager
+def _buffers_restored(f):
+    """Put f's buffers (e.g. BatchNorm running statistics) back as they were: the backward re-evaluates
+    f 2 * steps times and must not count as further training updates."""
+    if not isinstance(f, torch.nn.Module):
+        yield
+        return
+    saved = [(b, b.detach().clone()) for b in f.buffers()]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for buffer, value in saved:
+                buffer.copy_(value)
+
+
+def backward(problem: Problem, info: SolverInfo, states: FloatStates | FixedStates, steps: int, tape: RngTape,
+             grad_z, z0, x_tensors, need_x, params, need_params, need_z0):
+    """The reversible backward: reconstructs the states in place and returns the exact gradients.
+
+    Args:
+        states: the forward's final states (consumed: they end at the reconstructed start).
+        grad_z: dL/dz structured like the state (a tensor, or a tuple of members), in the compute dtypes.
+        z0: the given start (structured like the state) or None (zeros); need_z0: one flag per member
+            of z0 (one for a single tensor). x_tensors, params: the tensors f uses, each flagged by
+            need_x / need_params when its gradient is wanted.
+
+    Returns:
+        ([grad per z0 member or None], [grad per x tensor or None], [grad per param or None]).
+
+    f receives x as detached leaves, so each vjp is a partial derivative that never runs x's own
+    history (autograd does that once, with the gradient this returns). When f may close over the
+    originals instead (``problem.check_closures``), they are differentiated too.
+    """
+    o, beta = problem.options, problem.options.beta
+    x_args = [t.detach().requires_grad_(need) for t, need in zip(x_tensors, need_x)]
+    x = problem.pack_x(x_args)
+    wrt, slots = [], []
+    for i, need in enumerate(need_x):
+        if need:
+            wrt.append(x_args[i])
+            slots.append(i)
+            if problem.check_closures:
+                wrt.append(x_tensors[i])
+                slots.append(i)
+    for j, need in enumerate(need_params):
+        if need:
+            wrt.append(params[j])
+            slots.append(len(x_tensors) + j)
+    sink = _GradSink(wrt, slots, len(x_tensors) + len(params))
+
+    layout = problem.layout
+    # The adjoints, one buffer each like the states: the fused ops update their members in one call.
+    hz = layout.gather(grad_z, o.state_dtype).mul_(beta)
+    hy = torch.zeros_like(hz)
+    hz_members, hy_members = layout.members(hz), layout.members(hy)
+    # Row n: residual(z[n-1], f(z[n-1])) and residual(hz, b) at step n; row 0 holds the drift.
+    # Both are NaN-propagating, so a non-finite f, vjp or reconstruction shows up at its step.
+    evidence = torch.empty(steps + 1, 4, dtype=torch.float64, device=problem.device)
+    scale = states.scale(z0)
+
+    with tape.forked(), _buffers_restored(problem.f), torch.enable_grad():
+        for n in range(steps, 0, -1):
+            where = f"backward pass, step {n}"
+            tape.replay(2 * n - 1)
+            y_in = states.show_for_grad("y")
+            fy = problem.evaluate(y_in, x, where)
+            if n == steps and problem.check_closures:
+                check_partial(problem, fy, sink.tensors)
+            states.unrelax_("z", fy)  # z[n-1]
+            a = _vjp(layout, fy, y_in, hz, sink)
+            del fy, y_in
+            ops.relax_(hy_members, a, beta, backend=o.backend)
+            del a
+
+            tape.replay(2 * n - 2)
+            z_in = states.show_for_grad("z")
+            fz = problem.evaluate(z_in, x, where)
+            states.unrelax_("y", fz)  # y[n-1]
+            evidence[n, :2] = states.residual(fz)
+            b = _vjp(layout, fz, z_in, hy, sink)
+            del fz, z_in
+            evidence[n, 2:] = ops.residual(hz_members, b, backend=o.backend)
+            ops.relax_(hz_members, b, beta, backend=o.backend)
+            del b
+
+    tiny = torch.finfo(scale.dtype).tiny
+    evidence[0] = (states.distance_to(z0) / scale.clamp_min(tiny)).to(torch.float64)
+    info.set_backward(evidence, states.status)
+    if o.tol is not None:
+        info.check()  # a tolerance allows syncs: report problems from inside backward
+
+    grad_z0 = [None] * len(need_z0)
+    if any(need_z0):
+        grad_start = layout.split(layout.members(((1.0 - beta) * hy).add_(hz).div_(beta)))
+        # Fresh tensors, not views of one buffer: autograd may keep each as a .grad of its own.
+        grad_z0 = [g.to(t.dtype, copy=layout.is_tuple) if need else None
+                   for g, t, need in zip(grad_start, layout.split(z0), need_z0)]
+    targets = [*x_tensors, *params]
+    grads = [None if g is None else g.to(t.dtype) for g, t in zip(sink.sums, targets)]
+    return grad_z0, grads[:len(x_tensors)], grads[len(x_tensors):]
