@@ -14,7 +14,7 @@ never from the Jacobian itself (it has ``z.numel()**2`` entries):
   dominant eigenvalues, where power iteration never settles, is found exactly.
 
 :class:`~revdeq_kernels.RevDEQ` computes both at its returned equilibrium on request
-(``jac_reg=``, ``spectral_radius=``) and puts them in its ``info``.
+(``jac_reg=``, ``spectral_radius=``) and puts them in its ``info``. Imports only the dtype rules of ops/.
 """
 
 import contextlib
@@ -22,8 +22,9 @@ import numbers
 
 import torch
 
+from .ops.dtypes import FLOAT_DTYPES
+
 DEFAULT_RADIUS_ITERS = 40
-_FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 
 
 def sample_count(caller: str, name: str, value, default: int) -> int:
@@ -69,7 +70,7 @@ class JacobianAt:
             raise TypeError(f"{caller}: f must be callable as f(z, x), got {type(f).__name__}")
         if not isinstance(z, torch.Tensor):
             raise TypeError(f"{caller}: z must be a torch.Tensor, got {type(z).__name__}")
-        if z.dtype not in _FLOAT_DTYPES:
+        if z.dtype not in FLOAT_DTYPES:
             raise TypeError(f"{caller}: z must have dtype float64, float32, float16 or bfloat16, got {z.dtype}")
         with torch.enable_grad(), _scratch_buffers(f):
             z_in = z if z.requires_grad else z.detach().requires_grad_()

@@ -1,4 +1,7 @@
-"""RevDEQ: an nn.Module that swaps a reversible fixed-point solve in for a stack of layers."""
+"""RevDEQ: an nn.Module that swaps a reversible fixed-point solve in for a stack of layers.
+
+Built on solver/ (and diagnostics.py for its optional Jacobian terms); nothing below imports it.
+"""
 
 import torch
 

@@ -19,6 +19,9 @@ may assume valid, non-empty input (list members may be empty). Adding a backend:
 add one :class:`Backend` to ``BACKENDS`` and, if ``auto`` should pick it, its name to ``AUTO_ORDER``.
 A backend asked for by name never falls back: the choice point (ops/__init__.py) raises with
 :meth:`Backend.unavailable_reason`, which ``available_backends()`` reports too.
+
+Backends import only the leaves of ops/ (checks.py, dtypes.py, library.py) and exact/; never ops/__init__.py
+(whose choice point imports them) nor the solver.
 """
 
 import dataclasses

@@ -6,5 +6,5 @@
 - :mod:`revdeq_kernels.integrations.closures`: finds the tensors a closure ``func(z)`` reads, for adapters
   whose convention closes over inputs and parameters instead of passing them.
 
-Nothing here is imported by ``import revdeq_kernels``.
+Nothing here is imported by ``import revdeq_kernels``; these modules build on solver/ only.
 """

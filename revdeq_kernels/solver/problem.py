@@ -7,9 +7,9 @@ to the solve's inputs), and the normalisation of the caller's arguments into a P
 
 import torch
 
+from ..ops.dtypes import FLOAT_DTYPES
 from .layout import StateLayout
 
-FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 FIRST_EVALUATION = "forward pass, evaluating f(z0)"
 
 

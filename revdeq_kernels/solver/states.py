@@ -11,6 +11,7 @@ of member tensors), one fused op call per update.
 import torch
 
 from .. import ops
+from ..ops.dtypes import residual_dtype
 from .layout import StateLayout
 
 
@@ -52,7 +53,7 @@ class FloatStates:
     @property
     def residual_dtype(self) -> torch.dtype:
         """The dtype :meth:`residual` returns."""
-        return torch.float64 if self.z.dtype == torch.float64 else torch.float32
+        return residual_dtype(self.z.dtype)
 
     def finish_forward(self) -> None:
         """Called once when the forward loop ends (nothing to tidy up for float states)."""

@@ -10,7 +10,7 @@ multi.py (tuple states), exact.py (exact mode, imported on first use); common.py
 share. With compiled kernels the ops are `torch.library.triton_op`s, so torch.compile sees (and may
 fuse around) the kernels; under the interpreter, which `wrap_triton` cannot trace, they are opaque
 custom ops with the fakes of ops/library.py. (The package is not called `triton`, which would shadow
-the triton package for anything that puts this folder on sys.path.)
+the triton package for anything that puts this folder on sys.path.) Imports: triton, the leaves of ops/, exact/.
 """
 
 import importlib.util
