@@ -19,7 +19,8 @@ SOURCE = ROOT / PACKAGE
 # Lowest first. A module is in the layer of the longest prefix listed here.
 LAYERS = [
     ("exact", {f"{PACKAGE}.exact"}),
-    ("op rules", {f"{PACKAGE}.ops.dtypes", f"{PACKAGE}.ops.checks", f"{PACKAGE}.ops.library"}),
+    ("op rules", {f"{PACKAGE}.ops.dtypes", f"{PACKAGE}.ops.arithmetic", f"{PACKAGE}.ops.checks",
+                  f"{PACKAGE}.ops.library"}),
     ("backends", {f"{PACKAGE}.backends", f"{PACKAGE}._C"}),
     ("ops", {f"{PACKAGE}.ops"}),
     ("solver", {f"{PACKAGE}.solver"}),

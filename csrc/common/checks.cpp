@@ -80,12 +80,6 @@ void check_residual(const at::Tensor& z, const at::Tensor& fz, c10::DeviceType d
   check_pair("residual", "z", z, "fz", fz, device_type);
 }
 
-std::pair<double, double> update_coefficients(double beta, bool inverse) {
-  if (!inverse) return {1.0 - beta, beta};
-  const double inv = 1.0 / (1.0 - beta);
-  return {inv, -beta * inv};
-}
-
 at::ScalarType residual_dtype(const at::Tensor& z) {
   return z.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }

@@ -51,9 +51,6 @@ ByteSpan byte_span(const at::Tensor& t);
 void check_disjoint(const char* op, const char* a_name, const at::Tensor& a, const char* b_name, const at::Tensor& b,
                     const char* hint = "");
 
-// Coefficients (a, b) with new_state = a * state + b * f for relax_ (inverse=false) or unrelax_.
-std::pair<double, double> update_coefficients(double beta, bool inverse);
-
 // float64 for float64 states, float32 otherwise; for a list, float64 when any z is float64.
 at::ScalarType residual_dtype(const at::Tensor& z);
 at::ScalarType multi_residual_dtype(at::TensorList zs);

@@ -8,6 +8,7 @@
 #include <cstring>
 #include <type_traits>
 
+#include "common/affine.h"
 #include "common/dispatch.h"
 
 namespace revdeq::cpu {
@@ -22,14 +23,14 @@ constexpr int64_t kResidualChunk = 1 << 16;
 // double every kFlush elements, which bounds the float32 rounding error.
 constexpr int64_t kFlush = 1024;
 
-// state[i] = a * state[i] + b * f[i] for begin <= i < end, in AccType<S>, rounded once. A plain loop
-// over __restrict__ pointers that the compiler vectorizes at -O3.
+// state[i] = c * (a * state[i] + b * f[i]) for begin <= i < end (common/affine.h), in AccType<S>, the
+// result rounded once to S. A plain loop over __restrict__ pointers that the compiler vectorizes at -O3.
 template <typename S, typename F>
-inline void affine_range(S* __restrict__ state, const F* __restrict__ f, int64_t begin, int64_t end,
-                         typename AccType<S>::type a, typename AccType<S>::type b) {
+inline void affine_range(S* __restrict__ state, const F* __restrict__ f, int64_t begin, int64_t end, const Affine& k) {
   using acc_t = typename AccType<S>::type;
+  const acc_t a = static_cast<acc_t>(k.a), b = static_cast<acc_t>(k.b), c = static_cast<acc_t>(k.c);
   for (int64_t i = begin; i < end; ++i) {
-    state[i] = static_cast<S>(a * static_cast<acc_t>(state[i]) + b * static_cast<acc_t>(f[i]));
+    state[i] = static_cast<S>(c * (a * static_cast<acc_t>(state[i]) + b * static_cast<acc_t>(f[i])));
   }
 }
 

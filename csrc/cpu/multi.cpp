@@ -17,15 +17,13 @@
 namespace revdeq {
 namespace {
 
-using AffineFn = void (*)(void* state, const void* f, int64_t begin, int64_t end, double a, double b);
+using AffineFn = void (*)(void* state, const void* f, int64_t begin, int64_t end, const Affine& k);
 using ResidualFn = void (*)(const void* z, const void* f, int64_t begin, int64_t end, double* diff_sq,
                             double* f_sq);
 
 template <typename S, typename F>
-void affine_erased(void* state, const void* f, int64_t begin, int64_t end, double a, double b) {
-  using acc_t = typename AccType<S>::type;
-  cpu::affine_range(static_cast<S*>(state), static_cast<const F*>(f), begin, end, static_cast<acc_t>(a),
-                    static_cast<acc_t>(b));
+void affine_erased(void* state, const void* f, int64_t begin, int64_t end, const Affine& k) {
+  cpu::affine_range(static_cast<S*>(state), static_cast<const F*>(f), begin, end, k);
 }
 
 template <typename Z, typename F>
@@ -47,7 +45,7 @@ void multi_affine_cpu(at::TensorList states, at::TensorList f_vals, double beta)
   const FlatPairs flat = flatten_pairs(states, f_vals);
   const size_t count = flat.primary.size();
   if (count == 0) return;
-  const auto [a, b] = update_coefficients(beta, kInverse);
+  const Affine coefficients = affine_coefficients(beta, kInverse);
   std::vector<AffineFn> fns(count);
   std::vector<void*> s_ptrs(count);
   std::vector<const void*> f_ptrs(count);
@@ -66,7 +64,7 @@ void multi_affine_cpu(at::TensorList states, at::TensorList f_vals, double beta)
     for (size_t k = piece_of(offsets, begin); k < count && offsets[k] < end; ++k) {
       const int64_t lo = std::max(begin, offsets[k]) - offsets[k];
       const int64_t hi = std::min(end, offsets[k + 1]) - offsets[k];
-      fns[k](s_ptrs[k], f_ptrs[k], lo, hi, a, b);
+      fns[k](s_ptrs[k], f_ptrs[k], lo, hi, coefficients);
     }
   });
   flat.write_back();

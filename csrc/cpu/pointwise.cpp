@@ -20,10 +20,9 @@ using cpu::kPointwiseGrain;
 using cpu::kResidualChunk;
 
 template <typename S, typename F>
-void affine_kernel(S* state, const F* f, int64_t n, double a, double b) {
-  using acc_t = typename AccType<S>::type;
+void affine_kernel(S* state, const F* f, int64_t n, const Affine& k) {
   at::parallel_for(0, n, kPointwiseGrain, [&](int64_t begin, int64_t end) {
-    cpu::affine_range(state, f, begin, end, static_cast<acc_t>(a), static_cast<acc_t>(b));
+    cpu::affine_range(state, f, begin, end, k);
   });
 }
 
@@ -50,12 +49,12 @@ void affine_update_cpu(const at::Tensor& state, const at::Tensor& f_val, double 
   const char* op = kInverse ? "unrelax_" : "relax_";
   check_pointwise(op, state, f_val, beta, c10::DeviceType::CPU);
   if (state.numel() == 0) return;
-  const auto [a, b] = update_coefficients(beta, kInverse);
+  const Affine k = affine_coefficients(beta, kInverse);
   with_flat_layout(state, f_val, /*write_back=*/true, [&](const at::Tensor& s, const at::Tensor& f) {
     dispatch_pair(s.scalar_type(), f.scalar_type(), op, [&](auto s_tag, auto f_tag) {
       using S = typename decltype(s_tag)::type;
       using F = typename decltype(f_tag)::type;
-      affine_kernel<S, F>(s.data_ptr<S>(), f.data_ptr<F>(), s.numel(), a, b);
+      affine_kernel<S, F>(s.data_ptr<S>(), f.data_ptr<F>(), s.numel(), k);
     });
   });
 }

@@ -10,6 +10,7 @@ import math
 import torch
 
 from ..exact import LIMIT, FixedStatus, inverse_mod_2_64, pack_remainder, unpack_remainder
+from ..ops.arithmetic import affine_coefficients
 from ..ops.dtypes import compute_dtype, multi_residual_dtype
 
 NAME = "reference"
@@ -19,14 +20,20 @@ def unavailable_reason(device_type: str, family: str) -> str | None:
     return None  # every family, wherever torch runs
 
 
-def relax_(state: torch.Tensor, f_val: torch.Tensor, beta: float) -> None:
+def _affine_update(state: torch.Tensor, f_val: torch.Tensor, beta: float, inverse: bool) -> None:
+    # (1 - beta) * state + beta * f, or (state - beta * f) / (1 - beta), arranged so that nothing
+    # overflows before the result does (ops/arithmetic.py).
     acc = compute_dtype(state.dtype)
-    state.copy_((1.0 - beta) * state.to(acc) + beta * f_val.to(acc))
+    a, b, c = affine_coefficients(beta, inverse)
+    state.copy_(c * (a * state.to(acc) + b * f_val.to(acc)))
+
+
+def relax_(state: torch.Tensor, f_val: torch.Tensor, beta: float) -> None:
+    _affine_update(state, f_val, beta, inverse=False)
 
 
 def unrelax_(state: torch.Tensor, f_val: torch.Tensor, beta: float) -> None:
-    acc = compute_dtype(state.dtype)
-    state.copy_((state.to(acc) - beta * f_val.to(acc)) / (1.0 - beta))
+    _affine_update(state, f_val, beta, inverse=True)
 
 
 def residual(z: torch.Tensor, fz: torch.Tensor) -> torch.Tensor:

@@ -81,7 +81,7 @@ def test_every_gpu_config_is_correct(config):
     for pair in [(torch.float64, torch.float64), (torch.float32, torch.bfloat16)]:
         state, f, _ = make_pair(2 * block + 3, *pair, DEVICE)
         want = expected_pointwise("unrelax_", state, f, 1.3)
-        pointwise.launch_affine(kernel, state, f, *common.coefficients(1.3, inverse=True))
+        pointwise.launch_affine(kernel, state, f, common.coefficient_bits(1.3, inverse=True))
         assert_close(state, want, pair[0], amplification=4 / 0.3, what=f"BLOCK={block} {pair_id(pair)}")
 
 
@@ -117,7 +117,7 @@ def test_autotuning_applies_an_in_place_update_once():
         benchmarked.clear()
         state, f, _ = make_pair(1000, torch.float32, torch.float32, DEVICE, seed=11)
         want = expected_pointwise("relax_", state, f, 0.8)
-        pointwise.launch_affine(kernel, state, f, *common.coefficients(0.8, inverse=False))
+        pointwise.launch_affine(kernel, state, f, common.coefficient_bits(0.8, inverse=False))
         assert len(benchmarked) == len(configs), "the autotuner did not benchmark every config"
         close = torch.allclose(state.double().cpu(), want.cpu(), rtol=1e-6, atol=1e-6)
         assert close == must_match, f"restore_value={restore}: update applied {'once' if close else 'repeatedly'}"
@@ -206,7 +206,7 @@ def test_kernels_compile_for_sm90_with_16_byte_accesses():
             fp64 = state == "fp64"
             cfg = C.POINTWISE_CONFIGS[-1]
             sig = {"state_ptr": "*" + state, "f_ptr": "*" + f, "n": "i64", "a_bits": "i64", "b_bits": "i64",
-                   "BLOCK": "constexpr"}
+                   "c_bits": "i64", "BLOCK": "constexpr"}
             code = ptx(K.affine_kernel, sig, {"BLOCK": cfg.kwargs["BLOCK"]}, [0, 1], cfg.num_warps)
             print("AFFINE", state, f, f"ld.global.{vector}" in code, f"st.global.{vector}" in code)
             acc = "fp64" if fp64 else "fp32"

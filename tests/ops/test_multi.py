@@ -557,7 +557,8 @@ _COMPILED_TRITON_CHECK = """
     for k in range(8):
         sig.update({f"s{k}": "*" + dtypes[k], f"f{k}": "*" + fdtypes[k], f"n{k}": "i64"})
         aligned += [3 * k, 3 * k + 1]
-    sig.update({"a_bits": "i64", "b_bits": "i64", "total": "i64", "COUNT": "constexpr", "BLOCK": "constexpr"})
+    sig.update({"a_bits": "i64", "b_bits": "i64", "c_bits": "i64", "total": "i64", "COUNT": "constexpr",
+                "BLOCK": "constexpr"})
     code = ptx(K.multi_affine_kernel, sig, {"COUNT": 8, "BLOCK": 4096}, aligned, 8)
     print("AFFINE", "ld.global.v4.b32" in code, "st.global.v4.b32" in code, "ld.global.v2.b64" in code)
     sig = {}

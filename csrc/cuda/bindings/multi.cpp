@@ -45,9 +45,9 @@ void multi_affine_cuda(at::TensorList states, at::TensorList f_vals, double beta
   check_no_earlier_error(op);
   const FlatPairs flat = flatten_pairs(states, f_vals);
   if (flat.primary.empty()) return;
-  const auto [a, b] = update_coefficients(beta, kInverse);
+  const Affine k = affine_coefficients(beta, kInverse);
   const auto members = kernel_members(op, "states", "f_vals", flat);
-  check_cuda(cuda::multi_affine_update(members.data(), static_cast<int>(members.size()), a, b,
+  check_cuda(cuda::multi_affine_update(members.data(), static_cast<int>(members.size()), k,
                                        c10::cuda::getCurrentCUDAStream().stream()),
              op);
   flat.write_back();

@@ -23,12 +23,12 @@ void affine_update_cuda(const at::Tensor& state, const at::Tensor& f_val, double
   if (state.numel() == 0) return;
   const c10::cuda::CUDAGuard guard(state.device());
   check_no_earlier_error(op);
-  const auto [a, b] = update_coefficients(beta, kInverse);
+  const Affine k = affine_coefficients(beta, kInverse);
   with_flat_layout(state, f_val, /*write_back=*/true, [&](const at::Tensor& s, const at::Tensor& f) {
     check_element_aligned(s, op, "state");
     check_element_aligned(f, op, "f_val");
     check_cuda(cuda::affine_update(s.data_ptr(), kernel_dtype(s, op, "state"), f.data_ptr(),
-                                   kernel_dtype(f, op, "f_val"), s.numel(), a, b,
+                                   kernel_dtype(f, op, "f_val"), s.numel(), k,
                                    c10::cuda::getCurrentCUDAStream().stream()),
                op);
   });

@@ -137,10 +137,22 @@ __device__ __forceinline__ void store_pack(T* p, const Pack<T, N>& pk) {
   *reinterpret_cast<decltype(pk.raw)*>(p) = pk.raw;
 }
 
-// One affine update in A, rounded once to S: a * s + b * f, as fma(a, s, b * f).
+// common/affine.h's coefficients in the accumulation type, as the kernels take them.
+template <typename A>
+struct Coefficients {
+  A a, b, c;
+};
+
+template <typename A>
+inline Coefficients<A> coefficients_in(const Affine& k) {
+  return {static_cast<A>(k.a), static_cast<A>(k.b), static_cast<A>(k.c)};
+}
+
+// One affine update in A, rounded once to S: c * (a * s + b * f), as c * fma(a, s, b * f); |a|, |b| <= 1,
+// so nothing overflows before the result does (common/affine.h).
 template <typename S, typename A>
-__device__ __forceinline__ S affine(A a, A s, A b, A f) {
-  return narrow<S>(fused_mul_add(a, s, b * f));
+__device__ __forceinline__ S affine(const Coefficients<A>& k, A s, A f) {
+  return narrow<S>(k.c * fused_mul_add(k.a, s, k.b * f));
 }
 
 // How n elements split into a scalar head, `packs` aligned packs and a scalar tail. When the two
@@ -212,10 +224,11 @@ __device__ __forceinline__ void load_indexed_pack(const Z* z, const F* f, int64_
 // step, those below end; all of their loads are issued before any is used, which keeps enough bytes
 // in flight to stream at memory bandwidth.
 
-// state = a * state + b * f on packs q of the span (pack q holds elements head + q * P ...).
+// state = c * (a * state + b * f) on packs q of the span (pack q holds elements head + q * P ...).
 template <int U, typename S, typename F>
 __device__ __forceinline__ void affine_packs(S* __restrict__ state, const F* __restrict__ f, const Span& span,
-                                             int64_t first, int64_t step, int64_t end, acc_t<S> a, acc_t<S> b) {
+                                             int64_t first, int64_t step, int64_t end,
+                                             const Coefficients<acc_t<S>>& k) {
   using A = acc_t<S>;
   constexpr int P = kPackElems<S>;
   S* const s_packs = state + span.head;
@@ -235,7 +248,7 @@ __device__ __forceinline__ void affine_packs(S* __restrict__ state, const F* __r
     const int64_t q = first + u * step;
     if (q < end) {
 #pragma unroll
-      for (int k = 0; k < P; ++k) s[u].v[k] = affine<S>(a, widen<A>(s[u].v[k]), b, widen<A>(fv[u].v[k]));
+      for (int e = 0; e < P; ++e) s[u].v[e] = affine<S>(k, widen<A>(s[u].v[e]), widen<A>(fv[u].v[e]));
       store_pack<P>(s_packs + q * P, s[u]);
     }
   }
@@ -245,23 +258,24 @@ __device__ __forceinline__ void affine_packs(S* __restrict__ state, const F* __r
 // k < kScalarGroup, those below end.
 template <typename S, typename F>
 __device__ __forceinline__ void affine_scalars(S* __restrict__ state, const F* __restrict__ f, const Span& span,
-                                               int64_t first, int64_t step, int64_t end, acc_t<S> a, acc_t<S> b) {
+                                               int64_t first, int64_t step, int64_t end,
+                                               const Coefficients<acc_t<S>>& k) {
   using A = acc_t<S>;
   constexpr int P = kPackElems<S>, G = kScalarGroup<S>;
   A s[G], fv[G];
 #pragma unroll
-  for (int k = 0; k < G; ++k) {
-    const int64_t jk = first + k * step;
-    if (jk < end) {
-      const int64_t i = scalar_index<P>(span, jk);
-      s[k] = widen<A>(state[i]);
-      fv[k] = widen<A>(f[i]);
+  for (int g = 0; g < G; ++g) {
+    const int64_t jg = first + g * step;
+    if (jg < end) {
+      const int64_t i = scalar_index<P>(span, jg);
+      s[g] = widen<A>(state[i]);
+      fv[g] = widen<A>(f[i]);
     }
   }
 #pragma unroll
-  for (int k = 0; k < G; ++k) {
-    const int64_t jk = first + k * step;
-    if (jk < end) state[scalar_index<P>(span, jk)] = affine<S>(a, s[k], b, fv[k]);
+  for (int g = 0; g < G; ++g) {
+    const int64_t jg = first + g * step;
+    if (jg < end) state[scalar_index<P>(span, jg)] = affine<S>(k, s[g], fv[g]);
   }
 }
 

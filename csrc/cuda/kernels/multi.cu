@@ -30,30 +30,31 @@ struct MemberTable {
   int64_t chunk_end[kMultiMaxMembers];  // running totals of the members' chunk counts
   int count;
 };
-static_assert(sizeof(MemberTable) <= 4096, "the member table must fit the 4 KB kernel parameter limit");
+static_assert(sizeof(MemberTable) + sizeof(Coefficients<double>) <= 4096,
+              "multi_affine_kernel's parameters must fit the 4 KB kernel parameter limit");
 
 template <typename S, typename F>
 __device__ __forceinline__ void affine_chunk(S* __restrict__ state, const F* __restrict__ f, const Span& span,
-                                             int64_t chunk, acc_t<S> a, acc_t<S> b) {
+                                             int64_t chunk, const Coefficients<acc_t<S>>& k) {
   const Range packs = multi::chunk_packs(span, chunk);
-  affine_packs<kChunkSteps>(state, f, span, packs.begin + threadIdx.x, kThreads, packs.end, a, b);
+  affine_packs<kChunkSteps>(state, f, span, packs.begin + threadIdx.x, kThreads, packs.end, k);
   // Scalars: G independent loads per thread in flight, as in pointwise.cu.
   constexpr int G = kScalarGroup<S>;
   const Range scalars = multi::chunk_scalars<S>(span, chunk);
   for (int64_t j = scalars.begin + threadIdx.x; j < scalars.end; j += G * kThreads) {
-    affine_scalars(state, f, span, j, kThreads, scalars.end, a, b);
+    affine_scalars(state, f, span, j, kThreads, scalars.end, k);
   }
 }
 
 template <typename S, typename F>
 __global__ void __launch_bounds__(kThreads)
-    multi_affine_kernel(const __grid_constant__ MemberTable table, acc_t<S> a, acc_t<S> b) {
+    multi_affine_kernel(const __grid_constant__ MemberTable table, Coefficients<acc_t<S>> coefficients) {
   const int64_t chunks = table.chunk_end[table.count - 1];
   for (int64_t c = blockIdx.x; c < chunks; c += gridDim.x) {
     const int k = multi::member_of(table.chunk_end, table.count, c);
     const int64_t local = c - (k > 0 ? table.chunk_end[k - 1] : 0);
     affine_chunk(static_cast<S*>(const_cast<void*>(table.state[k])), static_cast<const F*>(table.f[k]),
-                 table.span[k], local, a, b);
+                 table.span[k], local, coefficients);
   }
 }
 
@@ -191,7 +192,7 @@ cudaError_t residual_grid(int64_t chunks, int* grid) {
 
 }  // namespace
 
-cudaError_t multi_affine_update(const MemberPair* members, int count, double a, double b, cudaStream_t stream) {
+cudaError_t multi_affine_update(const MemberPair* members, int count, Affine k, cudaStream_t stream) {
   return for_each_launch<false>(members, count, [&](auto s_tag, auto f_tag, const MemberTable& table, int64_t chunks) {
     using S = typename decltype(s_tag)::type;
     using F = typename decltype(f_tag)::type;
@@ -199,7 +200,7 @@ cudaError_t multi_affine_update(const MemberPair* members, int count, double a, 
     const cudaError_t err = resident_blocks<multi_affine_kernel<S, F>>(&max_blocks);
     if (err != cudaSuccess) return err;
     multi_affine_kernel<S, F><<<grid_for_chunks(chunks, max_blocks), kThreads, 0, stream>>>(
-        table, static_cast<acc_t<S>>(a), static_cast<acc_t<S>>(b));
+        table, coefficients_in<acc_t<S>>(k));
     return cudaGetLastError();
   });
 }

@@ -10,6 +10,8 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "common/affine.h"
+
 namespace revdeq::cuda {
 
 enum class DType : int { kFloat64, kFloat32, kFloat16, kBFloat16 };
@@ -24,12 +26,13 @@ inline cudaError_t take_earlier_error() { return cudaGetLastError(); }
 // Supported (state, f) pairs: equal dtypes, float64 state with any f, float32 state with a half f.
 // Other pairs return cudaErrorInvalidValue.
 
-// state[i] = a * state[i] + b * f[i] for 0 <= i < n, in double for float64 states and in float
-// otherwise, rounded once to the state dtype. state and f are dense arrays of n elements, each
-// aligned to its element size (16-byte vector accesses are used where both pointers allow them).
-// relax_ is (a, b) = (1 - beta, beta); unrelax_ is (1 / (1 - beta), -beta / (1 - beta)).
-cudaError_t affine_update(void* state, DType state_dtype, const void* f, DType f_dtype, int64_t n, double a,
-                          double b, cudaStream_t stream);
+// state[i] = k.c * (k.a * state[i] + k.b * f[i]) for 0 <= i < n, as k.c * fma(k.a, state, k.b * f) in
+// double for float64 states and in float otherwise, rounded once to the state dtype. state and f are
+// dense arrays of n elements, each aligned to its element size (16-byte vector accesses are used where
+// both pointers allow them). relax_ and unrelax_ take k = affine_coefficients(beta, inverse)
+// (common/affine.h), with which no intermediate overflows unless the result does.
+cudaError_t affine_update(void* state, DType state_dtype, const void* f, DType f_dtype, int64_t n, Affine k,
+                          cudaStream_t stream);
 
 // Bytes of scratch memory `residual` needs on the current device (per-block partial sums and a
 // ticket counter); the same for every n.
@@ -80,9 +83,9 @@ struct MemberPair {
 // there are at most kMultiMaxMembers of them.
 constexpr int kMultiMaxMembers = 64;
 
-// state[i] = a * state[i] + b * f[i] for every element of every member, as affine_update does for
-// one pair (same arithmetic and rounding).
-cudaError_t multi_affine_update(const MemberPair* members, int count, double a, double b, cudaStream_t stream);
+// state[i] = k.c * (k.a * state[i] + k.b * f[i]) for every element of every member, as affine_update does
+// for one pair (same arithmetic and rounding).
+cudaError_t multi_affine_update(const MemberPair* members, int count, Affine k, cudaStream_t stream);
 
 // Bytes of scratch memory multi_residual needs for `count` members on the current device.
 cudaError_t multi_residual_workspace_bytes(int count, size_t* bytes);

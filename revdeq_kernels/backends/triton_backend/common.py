@@ -19,6 +19,8 @@ import torch
 import triton
 from triton.runtime.interpreter import InterpretedFunction
 
+from ...ops.arithmetic import affine_coefficients
+
 
 @triton.jit
 def _probe(x_ptr):  # never launched: its type says how triton.jit builds kernels in this process
@@ -107,13 +109,10 @@ def float64_bits(x: float) -> int:
     return struct.unpack("<q", struct.pack("<d", x))[0]
 
 
-def coefficients(beta: float, inverse: bool) -> tuple:
-    """(a, b) with relax_ = a * state + b * f (inverse=False) or unrelax_ (inverse=True), as the C++ and
-    CUDA kernels use them."""
-    if not inverse:
-        return 1.0 - beta, beta
-    inv = 1.0 / (1.0 - beta)
-    return inv, -beta * inv
+def coefficient_bits(beta: float, inverse: bool) -> tuple:
+    """The float64 bit patterns of (a, b, c) with relax_ (inverse=False) or unrelax_ = c * (a * state + b * f),
+    the coefficients of every backend (ops/arithmetic.py)."""
+    return tuple(float64_bits(k) for k in affine_coefficients(beta, inverse))
 
 
 def on_device_of(t: torch.Tensor):

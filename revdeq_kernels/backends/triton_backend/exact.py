@@ -32,6 +32,7 @@ import triton.language as tl
 from ... import exact
 from ...ops import checks, library
 from . import common
+from .convert import widen
 
 # FixedStatus bits (revdeq_kernels/exact) and the range of the format.
 F_NOT_FINITE = tl.constexpr(1)
@@ -63,7 +64,7 @@ def _in_range(v):
 def _quantize(f, scale):
     """(q, why): q = round_half_even(f * scale) as int64 (0 where f cannot enter the state) and the
     FixedStatus bit that says why it cannot (0 when it can)."""
-    f = f.to(tl.float64)  # exact for every f dtype
+    f = widen(f, tl.float64)  # exact for every f dtype (convert.py: the interpreter's bfloat16 is not)
     x = f * scale  # exact: scale is a power of two (a huge float64 f may overflow to inf)
     representable = tl.abs(x) <= LIMIT_F  # false for NaN and Inf too
     finite = (f.to(tl.int64, bitcast=True) & EXPONENT_BITS) != EXPONENT_BITS

@@ -18,6 +18,7 @@ import triton.language as tl
 from ...ops import checks, library
 from ...ops.dtypes import multi_residual_dtype
 from . import common
+from .convert import widen
 from .pointwise import affine_tile, coefficient
 
 MAX_TENSORS = 8  # pairs per launch; a call with more launches once per MAX_TENSORS pairs
@@ -26,56 +27,57 @@ MAX_TENSORS = 8  # pairs per launch; a call with more launches once per MAX_TENS
 _SIZES = [f"n{k}" for k in range(MAX_TENSORS)]
 
 
-@triton.jit(do_not_specialize=_SIZES + ["a_bits", "b_bits", "total"])
+@triton.jit(do_not_specialize=_SIZES + ["a_bits", "b_bits", "c_bits", "total"])
 def multi_affine_kernel(s0, f0, n0, s1, f1, n1, s2, f2, n2, s3, f3, n3,
                         s4, f4, n4, s5, f5, n5, s6, f6, n6, s7, f7, n7,
-                        a_bits, b_bits, total, COUNT: tl.constexpr, BLOCK: tl.constexpr):
-    """s_k = a * s_k + b * f_k for the COUNT members passed (the other slots are never touched).
+                        a_bits, b_bits, c_bits, total, COUNT: tl.constexpr, BLOCK: tl.constexpr):
+    """s_k = c * (a * s_k + b * f_k) for the COUNT members passed (the other slots are never touched).
 
     n_k: member k's element count (> 0); total: the sum of the n_k, the autotuning key. a_bits,
-    b_bits: float64 bit patterns of the coefficients (see pointwise.affine_kernel).
+    b_bits, c_bits: float64 bit patterns of the coefficients (see pointwise.affine_kernel).
     """
     a = coefficient(a_bits)
     b = coefficient(b_bits)
+    c = coefficient(c_bits)
     pid = tl.program_id(0)
     end = tl.cdiv(n0, BLOCK)
     if pid < end:
-        affine_tile(s0, f0, n0, pid, a, b, BLOCK)
+        affine_tile(s0, f0, n0, pid, a, b, c, BLOCK)
     if COUNT > 1:
         begin = end
         end = begin + tl.cdiv(n1, BLOCK)
         if (pid >= begin) & (pid < end):
-            affine_tile(s1, f1, n1, pid - begin, a, b, BLOCK)
+            affine_tile(s1, f1, n1, pid - begin, a, b, c, BLOCK)
     if COUNT > 2:
         begin = end
         end = begin + tl.cdiv(n2, BLOCK)
         if (pid >= begin) & (pid < end):
-            affine_tile(s2, f2, n2, pid - begin, a, b, BLOCK)
+            affine_tile(s2, f2, n2, pid - begin, a, b, c, BLOCK)
     if COUNT > 3:
         begin = end
         end = begin + tl.cdiv(n3, BLOCK)
         if (pid >= begin) & (pid < end):
-            affine_tile(s3, f3, n3, pid - begin, a, b, BLOCK)
+            affine_tile(s3, f3, n3, pid - begin, a, b, c, BLOCK)
     if COUNT > 4:
         begin = end
         end = begin + tl.cdiv(n4, BLOCK)
         if (pid >= begin) & (pid < end):
-            affine_tile(s4, f4, n4, pid - begin, a, b, BLOCK)
+            affine_tile(s4, f4, n4, pid - begin, a, b, c, BLOCK)
     if COUNT > 5:
         begin = end
         end = begin + tl.cdiv(n5, BLOCK)
         if (pid >= begin) & (pid < end):
-            affine_tile(s5, f5, n5, pid - begin, a, b, BLOCK)
+            affine_tile(s5, f5, n5, pid - begin, a, b, c, BLOCK)
     if COUNT > 6:
         begin = end
         end = begin + tl.cdiv(n6, BLOCK)
         if (pid >= begin) & (pid < end):
-            affine_tile(s6, f6, n6, pid - begin, a, b, BLOCK)
+            affine_tile(s6, f6, n6, pid - begin, a, b, c, BLOCK)
     if COUNT > 7:
         begin = end
         end = begin + tl.cdiv(n7, BLOCK)
         if (pid >= begin) & (pid < end):
-            affine_tile(s7, f7, n7, pid - begin, a, b, BLOCK)
+            affine_tile(s7, f7, n7, pid - begin, a, b, c, BLOCK)
 
 
 def autotuned_multi_affine(configs, do_bench=None):
@@ -98,12 +100,12 @@ def _residual_tile(z_ptr, f_ptr, n, tile, BLOCK: tl.constexpr):
     start = tl.cast(tile, tl.int64) * BLOCK
     offs = start + tl.arange(0, BLOCK)
     if start + BLOCK <= n:
-        f = tl.load(f_ptr + offs).to(acc_dtype)
-        d = tl.load(z_ptr + offs).to(acc_dtype) - f
+        f = widen(tl.load(f_ptr + offs), acc_dtype)
+        d = widen(tl.load(z_ptr + offs), acc_dtype) - f
     else:
         mask = offs < n
-        f = tl.load(f_ptr + offs, mask=mask, other=0.0).to(acc_dtype)
-        d = tl.load(z_ptr + offs, mask=mask, other=0.0).to(acc_dtype) - f
+        f = widen(tl.load(f_ptr + offs, mask=mask, other=0.0), acc_dtype)
+        d = widen(tl.load(z_ptr + offs, mask=mask, other=0.0), acc_dtype) - f
     return tl.sum(d * d, axis=0).to(tl.float64), tl.sum(f * f, axis=0).to(tl.float64)
 
 
@@ -224,14 +226,15 @@ def _slot_args(pairs):
     return args
 
 
-def launch_multi_affine(kernel, pairs, a: float, b: float) -> None:
-    """s = a * s + b * f for up to MAX_TENSORS flat, paired, non-empty (s, f) in one launch."""
+def launch_multi_affine(kernel, pairs, bits: tuple) -> None:
+    """s = c * (a * s + b * f) for up to MAX_TENSORS flat, paired, non-empty (s, f) in one launch; ``bits``:
+    common.coefficient_bits."""
     sizes = [s.numel() for s, _ in pairs]
 
     def grid(meta):
         return (sum(-(-n // meta["BLOCK"]) for n in sizes),)
 
-    common.wrap(kernel)[grid](*_slot_args(pairs), common.float64_bits(a), common.float64_bits(b), sum(sizes),
+    common.wrap(kernel)[grid](*_slot_args(pairs), *bits, sum(sizes),
                              COUNT=len(pairs))
 
 
@@ -241,11 +244,11 @@ def _multi_affine_update(op: str, states, f_vals, beta: float, inverse: bool) ->
     members = _flat_members(states, f_vals)
     if not members:
         return
-    a, b = common.coefficients(beta, inverse)
+    bits = common.coefficient_bits(beta, inverse)
     with common.on_device_of(members[0][1]):
         for group in _groups(members):
             total = sum(work.numel() for _, work, _ in group)
-            launch_multi_affine(_AFFINE[total >= common.TUNE_MIN_ELEMENTS], [(work, f) for _, work, f in group], a, b)
+            launch_multi_affine(_AFFINE[total >= common.TUNE_MIN_ELEMENTS], [(work, f) for _, work, f in group], bits)
     for state, work, _ in members:
         if work is not state:
             state.copy_(work)

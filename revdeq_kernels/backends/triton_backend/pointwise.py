@@ -14,30 +14,34 @@ import triton.language as tl
 from ...ops import checks, library
 from ...ops.dtypes import residual_dtype
 from . import common
+from .convert import round_to, widen
 
 
 @triton.jit
-def affine_tile(state_ptr, f_ptr, n, tile, a64, b64, BLOCK: tl.constexpr):
-    """state = a * state + b * f on tile `tile` (BLOCK elements) of a flat array of n elements, in float64
-    for float64 states and float32 otherwise; only a partial tile is masked, so full tiles compile to
-    16-byte accesses whenever the pointers are 16-byte aligned."""
+def affine_tile(state_ptr, f_ptr, n, tile, a64, b64, c64, BLOCK: tl.constexpr):
+    """state = c * (a * state + b * f) on tile `tile` (BLOCK elements) of a flat array of n elements, in
+    float64 for float64 states and float32 otherwise (|a|, |b| <= 1: nothing overflows before the result,
+    ops/arithmetic.py); only a partial tile is masked, so full tiles compile to 16-byte accesses whenever
+    the pointers are 16-byte aligned."""
     if state_ptr.dtype.element_ty == tl.float64:
         a = a64
         b = b64
+        c = c64
     else:
         a = a64.to(tl.float32)
         b = b64.to(tl.float32)
+        c = c64.to(tl.float32)
     start = tl.cast(tile, tl.int64) * BLOCK  # int64: n may exceed 2^31
     offs = start + tl.arange(0, BLOCK)
     if start + BLOCK <= n:
-        s = tl.load(state_ptr + offs).to(a.dtype)
-        f = tl.load(f_ptr + offs).to(a.dtype)
-        tl.store(state_ptr + offs, (a * s + b * f).to(state_ptr.dtype.element_ty))
+        s = widen(tl.load(state_ptr + offs), a.dtype)
+        f = widen(tl.load(f_ptr + offs), a.dtype)
+        tl.store(state_ptr + offs, round_to(c * (a * s + b * f), state_ptr.dtype.element_ty))
     else:
         mask = offs < n
-        s = tl.load(state_ptr + offs, mask=mask).to(a.dtype)
-        f = tl.load(f_ptr + offs, mask=mask).to(a.dtype)
-        tl.store(state_ptr + offs, (a * s + b * f).to(state_ptr.dtype.element_ty), mask=mask)
+        s = widen(tl.load(state_ptr + offs, mask=mask), a.dtype)
+        f = widen(tl.load(f_ptr + offs, mask=mask), a.dtype)
+        tl.store(state_ptr + offs, round_to(c * (a * s + b * f), state_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -46,14 +50,12 @@ def coefficient(bits):
     return bits.to(tl.int64).to(tl.float64, bitcast=True)
 
 
-@triton.jit(do_not_specialize=["a_bits", "b_bits"])
-def affine_kernel(state_ptr, f_ptr, n, a_bits, b_bits, BLOCK: tl.constexpr):
-    """state[i] = a * state[i] + b * f[i] for i < n, in place, one tile per program.
-
-    relax_ is (a, b) = (1 - beta, beta) and unrelax_ is (1 / (1 - beta), -beta / (1 - beta)), the
-    coefficients the C++ kernels use too.
-    """
-    affine_tile(state_ptr, f_ptr, n, tl.program_id(0), coefficient(a_bits), coefficient(b_bits), BLOCK)
+@triton.jit(do_not_specialize=["a_bits", "b_bits", "c_bits"])
+def affine_kernel(state_ptr, f_ptr, n, a_bits, b_bits, c_bits, BLOCK: tl.constexpr):
+    """state[i] = c * (a * state[i] + b * f[i]) for i < n, in place, one tile per program, with the
+    coefficients of relax_ or unrelax_ that every backend uses (ops/arithmetic.py)."""
+    affine_tile(state_ptr, f_ptr, n, tl.program_id(0), coefficient(a_bits), coefficient(b_bits),
+                coefficient(c_bits), BLOCK)
 
 
 def autotuned_affine(configs, do_bench=None):
@@ -84,15 +86,15 @@ def residual_partials_kernel(z_ptr, f_ptr, partials_ptr, n, BLOCK: tl.constexpr,
     # The loop counter takes n's integer type, so offsets are 64-bit exactly when n needs it.
     for start in range(pid * BLOCK, full_end, programs * BLOCK):
         offs = start + tl.arange(0, BLOCK)
-        f = tl.load(f_ptr + offs).to(acc_dtype)
-        d = tl.load(z_ptr + offs).to(acc_dtype) - f
+        f = widen(tl.load(f_ptr + offs), acc_dtype)
+        d = widen(tl.load(z_ptr + offs), acc_dtype) - f
         diff_sq += d * d
         f_sq += f * f
     if pid == (n // BLOCK) % programs:
         offs = full_end + tl.arange(0, BLOCK)
         mask = offs < n
-        f = tl.load(f_ptr + offs, mask=mask, other=0.0).to(acc_dtype)
-        d = tl.load(z_ptr + offs, mask=mask, other=0.0).to(acc_dtype) - f
+        f = widen(tl.load(f_ptr + offs, mask=mask, other=0.0), acc_dtype)
+        d = widen(tl.load(z_ptr + offs, mask=mask, other=0.0), acc_dtype) - f
         diff_sq += d * d
         f_sq += f * f
     tl.store(partials_ptr + pid, tl.sum(diff_sq, axis=0))
@@ -117,15 +119,15 @@ def residual_finish_kernel(partials_ptr, out_ptr, programs, BLOCK: tl.constexpr)
 _AFFINE = {large: autotuned_affine(common.pointwise_configs(large)) for large in (False, True)}
 
 
-def launch_affine(kernel, state: torch.Tensor, f: torch.Tensor, a: float, b: float) -> None:
-    """state = a * state + b * f on flat, paired, non-empty tensors, with `kernel` (affine_kernel behind an
-    autotuner)."""
+def launch_affine(kernel, state: torch.Tensor, f: torch.Tensor, bits: tuple) -> None:
+    """state = c * (a * state + b * f) on flat, paired, non-empty tensors, with `kernel` (affine_kernel behind
+    an autotuner); ``bits``: common.coefficient_bits."""
     n = state.numel()
 
     def grid(meta):
         return (-(-n // meta["BLOCK"]),)
 
-    common.wrap(kernel)[grid](state, f, n, common.float64_bits(a), common.float64_bits(b))
+    common.wrap(kernel)[grid](state, f, n, *bits)
 
 
 def _affine_update(op: str, state: torch.Tensor, f_val: torch.Tensor, beta: float, inverse: bool) -> None:
@@ -135,7 +137,8 @@ def _affine_update(op: str, state: torch.Tensor, f_val: torch.Tensor, beta: floa
         return
     work, f = common.flat_pair(state, f_val)
     with common.on_device_of(state):
-        launch_affine(_AFFINE[state.numel() >= common.TUNE_MIN_ELEMENTS], work, f, *common.coefficients(beta, inverse))
+        launch_affine(_AFFINE[state.numel() >= common.TUNE_MIN_ELEMENTS], work, f,
+                      common.coefficient_bits(beta, inverse))
     if work is not state:
         state.copy_(work)
 

@@ -14,11 +14,14 @@ namespace {
 using harness::Guarded;
 using revdeq::cuda::MemberPair;
 
+// relax_ at beta = 0.5.
+const revdeq::Affine kHalf = revdeq::affine_coefficients(0.5, false);
+
 // One member with its own typed buffers (type-erased so a call can mix pairs).
 struct Member {
   virtual ~Member() = default;
   virtual MemberPair pair() = 0;
-  virtual void expect_affine(double a, double b) = 0;  // computes the reference result from the current values
+  virtual void expect_affine(const revdeq::Affine& k) = 0;  // computes the reference result from the current values
   virtual int64_t wrong_elements() const = 0;
   virtual bool guards_intact() const = 0;
   virtual std::pair<long double, long double> sums() const = 0;
@@ -42,9 +45,9 @@ struct TypedMember : Member {
   MemberPair pair() override {
     return {state.data(), f.data(), state.size(), types::dtype_of<S>(), types::dtype_of<F>()};
   }
-  void expect_affine(double a, double b) override {
+  void expect_affine(const revdeq::Affine& k) override {
     want.resize(static_cast<size_t>(state.size()));
-    for (int64_t i = 0; i < state.size(); ++i) want[i] = ref::affine(state.get(i), f.get(i), a, b);
+    for (int64_t i = 0; i < state.size(); ++i) want[i] = ref::affine(state.get(i), f.get(i), k);
   }
   int64_t wrong_elements() const override {
     int64_t wrong = 0;
@@ -102,11 +105,12 @@ std::vector<MemberPair> pairs_of(const std::vector<std::unique_ptr<Member>>& mem
   return out;
 }
 
-void check_affine(std::vector<std::unique_ptr<Member>>& members, double a, double b, const char* what) {
-  harness::context("multi_affine_update %s, %zu members, a=%g b=%g", what, members.size(), a, b);
-  for (auto& m : members) m->expect_affine(a, b);
+void check_affine(std::vector<std::unique_ptr<Member>>& members, double beta, bool inverse, const char* what) {
+  const revdeq::Affine k = revdeq::affine_coefficients(beta, inverse);
+  harness::context("multi_affine_update %s, %zu members, beta=%g inverse=%d", what, members.size(), beta, inverse);
+  for (auto& m : members) m->expect_affine(k);
   const std::vector<MemberPair> pairs = pairs_of(members);
-  const cudaError_t err = revdeq::cuda::multi_affine_update(pairs.data(), static_cast<int>(pairs.size()), a, b, nullptr);
+  const cudaError_t err = revdeq::cuda::multi_affine_update(pairs.data(), static_cast<int>(pairs.size()), k, nullptr);
   CHECK(err == cudaSuccess, "multi_affine_update returned %s", harness::error_name(err));
   for (size_t i = 0; i < members.size(); ++i) {
     const int64_t wrong = members[i]->wrong_elements();
@@ -166,8 +170,10 @@ SECTION("multi", "multi-tensor relax/unrelax and residual: hundreds of mixed mem
   for (int device : {harness::kSmallDevice, harness::kWideDevice}) {
     harness::use_device(device);
     auto members = make_members(quick ? 120 : 300, mixed);
-    check_affine(members, 0.2, 0.8, "mixed pairs");
-    check_affine(members, 5.0, -4.0, "mixed pairs (unrelax)");
+    check_affine(members, 0.8, false, "mixed pairs");
+    check_affine(members, 0.8, true, "mixed pairs (unrelax)");
+    check_affine(members, 1.3, false, "mixed pairs (beta > 1)");
+    check_affine(members, 1.3, true, "mixed pairs (unrelax, beta > 1)");
     check_residual(members, "mixed pairs");
   }
 }
@@ -178,7 +184,7 @@ SECTION("multi-launches", "one launch per dtype pair and per 64 members; empty m
   int non_empty = 0;
   for (const auto& m : members) non_empty += m->pair().n > 0;
   const int64_t before = revdeq_emu::launch_count("multi_affine_kernel");
-  check_affine(members, 0.5, 0.5, "130 float32 members");
+  check_affine(members, 0.5, false, "130 float32 members");
   const int64_t launches = revdeq_emu::launch_count("multi_affine_kernel") - before;
   CHECK(launches == (non_empty + 63) / 64, "%lld launches for %d non-empty members of one pair, want %d",
         static_cast<long long>(launches), non_empty, (non_empty + 63) / 64);
@@ -186,7 +192,7 @@ SECTION("multi-launches", "one launch per dtype pair and per 64 members; empty m
   int pairs_present = 0;
   for (const auto& m : mixed_members) pairs_present += m->pair().n > 0;
   const int64_t before_mixed = revdeq_emu::launch_count("multi_affine_kernel");
-  check_affine(mixed_members, 0.5, 0.5, "one member per pair");
+  check_affine(mixed_members, 0.5, false, "one member per pair");
   CHECK(revdeq_emu::launch_count("multi_affine_kernel") - before_mixed == pairs_present,
         "one launch per dtype pair present");
 }
@@ -231,18 +237,18 @@ SECTION("multi-errors", "multi-tensor calls refuse a bad member before launching
   const MemberPair saved = last;
   last.state = static_cast<char*>(last.state) + 2;
   harness::context("a misaligned last member");
-  CHECK(revdeq::cuda::multi_affine_update(pairs.data(), static_cast<int>(pairs.size()), 0.5, 0.5, nullptr) ==
+  CHECK(revdeq::cuda::multi_affine_update(pairs.data(), static_cast<int>(pairs.size()), kHalf, nullptr) ==
             cudaErrorMisalignedAddress, "a member not aligned to its element size must be refused");
   last = saved;
   last.state_dtype = types::DType::kFloat16;
   harness::context("an unsupported pair");
-  CHECK(revdeq::cuda::multi_affine_update(pairs.data(), static_cast<int>(pairs.size()), 0.5, 0.5, nullptr) ==
+  CHECK(revdeq::cuda::multi_affine_update(pairs.data(), static_cast<int>(pairs.size()), kHalf, nullptr) ==
             cudaErrorInvalidValue, "a half state with a float32 f must be refused");
   last = saved;
   last.n = -1;
-  CHECK(revdeq::cuda::multi_affine_update(pairs.data(), static_cast<int>(pairs.size()), 0.5, 0.5, nullptr) ==
+  CHECK(revdeq::cuda::multi_affine_update(pairs.data(), static_cast<int>(pairs.size()), kHalf, nullptr) ==
             cudaErrorInvalidValue, "a negative size must be refused");
-  CHECK(revdeq::cuda::multi_affine_update(pairs.data(), -1, 0.5, 0.5, nullptr) == cudaErrorInvalidValue,
+  CHECK(revdeq::cuda::multi_affine_update(pairs.data(), -1, kHalf, nullptr) == cudaErrorInvalidValue,
         "a negative count must be refused");
   CHECK(revdeq_emu::launch_count() == launches, "a refused call launched kernels");
   bool untouched = true;
@@ -270,6 +276,6 @@ SECTION("multi-small", "a multi-tensor call of a dozen small members: sized for 
     else if (k % 3 == 1) members.push_back(std::make_unique<TypedMember<double, __half>>(n, k % 2, k % 8));
     else members.push_back(std::make_unique<TypedMember<__nv_bfloat16, __nv_bfloat16>>(n, k % 8, k % 8));
   }
-  check_affine(members, 0.2, 0.8, "12 small members");
+  check_affine(members, 0.8, false, "12 small members");
   check_residual(members, "12 small members");
 }

@@ -2,6 +2,8 @@
 // every boundary of the pack, block and grid-stride structure, every element offset of state and f
 // modulo 16 bytes, on a small and a wide device, with guard bytes around both views.
 #include <algorithm>
+#include <cmath>
+#include <limits>
 #include <set>
 #include <vector>
 
@@ -13,18 +15,20 @@ namespace {
 using harness::Guarded;
 using revdeq::cuda::affine_update;
 
-// (a, b) of relax_ and unrelax_ at a few betas, as csrc/common/checks.cpp computes them.
+// relax_ at beta = 0.5: state = 0.5 * state + 0.5 * f.
+const revdeq::Affine kHalf = revdeq::affine_coefficients(0.5, false);
+
+// The coefficients of relax_ and unrelax_ at a few betas (both sides of 1), as the bindings pass them.
 struct Coefficients {
   const char* name;
-  double a, b;
+  revdeq::Affine k;
 };
 
 std::vector<Coefficients> coefficient_sets() {
   std::vector<Coefficients> out;
   for (double beta : {0.8, 0.5, 1.3}) {
-    out.push_back({"relax", 1.0 - beta, beta});
-    const double inv = 1.0 / (1.0 - beta);
-    out.push_back({"unrelax", inv, -beta * inv});
+    out.push_back({"relax", revdeq::affine_coefficients(beta, false)});
+    out.push_back({"unrelax", revdeq::affine_coefficients(beta, true)});
   }
   return out;
 }
@@ -47,8 +51,8 @@ std::vector<int64_t> sizes(bool small_only) {
 
 template <typename S, typename F>
 void check_case(int64_t n, int s_off, int f_off, const Coefficients& c) {
-  harness::context("%s %s/%s n=%lld state+%d f+%d a=%g b=%g", c.name, ref::type_name<S>(), ref::type_name<F>(),
-                   static_cast<long long>(n), s_off, f_off, c.a, c.b);
+  harness::context("%s %s/%s n=%lld state+%d f+%d a=%g b=%g c=%g", c.name, ref::type_name<S>(), ref::type_name<F>(),
+                   static_cast<long long>(n), s_off, f_off, c.k.a, c.k.b, c.k.c);
   Guarded<S> state(n, static_cast<size_t>(s_off) * sizeof(S));
   Guarded<F> f(n, static_cast<size_t>(f_off) * sizeof(F));
   std::vector<S> want(static_cast<size_t>(n));
@@ -56,10 +60,10 @@ void check_case(int64_t n, int s_off, int f_off, const Coefficients& c) {
   for (int64_t i = 0; i < n; ++i) {
     state.set(i, harness::random_value<S>());
     f.set(i, f_copy[i] = harness::random_value<F>());
-    want[i] = ref::affine(state.get(i), f_copy[i], c.a, c.b);
+    want[i] = ref::affine(state.get(i), f_copy[i], c.k);
   }
-  const cudaError_t err = affine_update(state.data(), types::dtype_of<S>(), f.data(), types::dtype_of<F>(), n, c.a,
-                                        c.b, nullptr);
+  const cudaError_t err = affine_update(state.data(), types::dtype_of<S>(), f.data(), types::dtype_of<F>(), n, c.k,
+                                        nullptr);
   CHECK(err == cudaSuccess, "affine_update returned %s", harness::error_name(err));
   int64_t wrong = 0, first = -1;
   for (int64_t i = 0; i < n; ++i) {
@@ -137,16 +141,16 @@ SECTION("pointwise-errors", "affine_update refuses misaligned pointers, bad pair
   const int64_t launches = revdeq_emu::launch_count();
   auto* odd = reinterpret_cast<float*>(reinterpret_cast<char*>(state.data()) + 1);
   harness::context("misaligned state");
-  CHECK(affine_update(odd, DType::kFloat32, f.data(), DType::kFloat32, 8, 0.5, 0.5, nullptr) ==
+  CHECK(affine_update(odd, DType::kFloat32, f.data(), DType::kFloat32, 8, kHalf, nullptr) ==
             cudaErrorMisalignedAddress, "a state pointer not aligned to 4 bytes must be refused");
   harness::context("unsupported pair");
-  CHECK(affine_update(state.data(), DType::kFloat16, f.data(), DType::kFloat32, 8, 0.5, 0.5, nullptr) ==
+  CHECK(affine_update(state.data(), DType::kFloat16, f.data(), DType::kFloat32, 8, kHalf, nullptr) ==
             cudaErrorInvalidValue, "a half state with a float32 f is not a supported pair");
   harness::context("negative n");
-  CHECK(affine_update(state.data(), DType::kFloat32, f.data(), DType::kFloat32, -1, 0.5, 0.5, nullptr) ==
+  CHECK(affine_update(state.data(), DType::kFloat32, f.data(), DType::kFloat32, -1, kHalf, nullptr) ==
             cudaErrorInvalidValue, "n < 0 must be refused");
   harness::context("n = 0");
-  CHECK(affine_update(state.data(), DType::kFloat32, f.data(), DType::kFloat32, 0, 0.5, 0.5, nullptr) == cudaSuccess,
+  CHECK(affine_update(state.data(), DType::kFloat32, f.data(), DType::kFloat32, 0, kHalf, nullptr) == cudaSuccess,
         "n = 0 is a no-op");
   CHECK(revdeq_emu::launch_count() == launches, "nothing may be launched for refused or empty calls");
   bool untouched = true;
@@ -154,10 +158,44 @@ SECTION("pointwise-errors", "affine_update refuses misaligned pointers, bad pair
   CHECK(untouched && state.guards_intact(), "a refused call wrote memory");
 }
 
+// Near the top of the range a finite exact result must stay finite: with state = f = v every update's
+// exact result is v, whatever beta (the naive unrelax_ coefficient 1 / (1 - beta) overflowed 0.9 * max).
+template <typename S>
+void check_top_of_range() {
+  const double top = 0.9 * static_cast<double>(std::numeric_limits<S>::max());
+  for (double beta : {0.5, 0.8, 1.3, 1.7}) {
+    for (bool inverse : {false, true}) {
+      harness::context("top of range: %s %s beta=%g", inverse ? "unrelax" : "relax", ref::type_name<S>(), beta);
+      const int64_t n = 100;
+      Guarded<S> state(n, 0), f(n, 0);
+      for (int64_t i = 0; i < n; ++i) {
+        const S v = static_cast<S>(i % 2 ? top : -top);
+        state.set(i, v);
+        f.set(i, v);
+      }
+      CHECK(affine_update(state.data(), types::dtype_of<S>(), f.data(), types::dtype_of<S>(), n,
+                          revdeq::affine_coefficients(beta, inverse), nullptr) == cudaSuccess, "affine_update failed");
+      int64_t off = 0;
+      for (int64_t i = 0; i < n; ++i) {
+        const double got = static_cast<double>(state.get(i)), want = i % 2 ? top : -top;
+        if (!std::isfinite(got) || std::fabs(got - want) > 4 * std::numeric_limits<S>::epsilon() * top) ++off;
+      }
+      CHECK(off == 0, "%lld of %lld elements overflowed or moved off the exact result %g",
+            static_cast<long long>(off), static_cast<long long>(n), top);
+    }
+  }
+}
+
+SECTION("pointwise-range", "affine_update keeps finite exact results finite at the top of the float32/float64 range") {
+  harness::use_device(harness::kSmallDevice);
+  check_top_of_range<float>();
+  check_top_of_range<double>();
+}
+
 SECTION("pointwise-small", "a few small affine_update cases: sized for the ThreadSanitizer build") {
   harness::use_device(harness::kSmallDevice);
-  check_case<float, __nv_bfloat16>(1000, 1, 1, {"relax", 0.2, 0.8});
-  check_case<double, float>(37, 0, 1, {"unrelax", 5.0, -4.0});
+  check_case<float, __nv_bfloat16>(1000, 1, 1, {"relax", revdeq::affine_coefficients(0.8, false)});
+  check_case<double, float>(37, 0, 1, {"unrelax", revdeq::affine_coefficients(0.8, true)});
 }
 
 SECTION("earlier-errors", "an error earlier work left pending is taken first and not returned as the kernels' own") {
@@ -171,7 +209,7 @@ SECTION("earlier-errors", "an error earlier work left pending is taken first and
   harness::context("an earlier error pending");
   revdeq_emu::inject_pending_error(cudaErrorIllegalAddress);
   CHECK(revdeq::cuda::take_earlier_error() == cudaErrorIllegalAddress, "take_earlier_error must return the pending error");
-  const cudaError_t own = affine_update(state.data(), DType::kFloat32, f.data(), DType::kFloat32, 100, 0.5, 0.5, nullptr);
+  const cudaError_t own = affine_update(state.data(), DType::kFloat32, f.data(), DType::kFloat32, 100, kHalf, nullptr);
   CHECK(own == cudaSuccess, "after the earlier error is taken, a good launch must report success, got %s",
         harness::error_name(own));
   bool updated = true;
@@ -183,7 +221,7 @@ SECTION("earlier-errors", "an error earlier work left pending is taken first and
   revdeq_emu::set_device_shape(7, {0, 2048, 2});
   harness::use_device(7);
   CHECK(revdeq::cuda::take_earlier_error() == cudaSuccess, "nothing is pending");
-  CHECK(affine_update(state.data(), DType::kFloat32, f.data(), DType::kFloat32, 100, 0.5, 0.5, nullptr) ==
+  CHECK(affine_update(state.data(), DType::kFloat32, f.data(), DType::kFloat32, 100, kHalf, nullptr) ==
             cudaErrorInvalidConfiguration, "a launch with an empty grid must return its own configuration error");
   harness::use_device(harness::kSmallDevice);
 }

@@ -12,6 +12,8 @@
 #include <cstring>
 #include <type_traits>
 
+#include "common/affine.h"
+
 namespace ref {
 
 // ---- conversions ---------------------------------------------------------------------------------
@@ -136,13 +138,13 @@ const char* type_name() {
 template <typename S>
 using acc_t = std::conditional_t<std::is_same_v<S, double>, double, float>;
 
-// revdeq_cuda.h's affine_update: fma(a, state, b * f) in the accumulation type, rounded once to S.
+// revdeq_cuda.h's affine_update: c * fma(a, state, b * f) in the accumulation type, rounded once to S.
 template <typename S, typename F>
-S affine(S state, F f, double a, double b) {
+S affine(S state, F f, const revdeq::Affine& k) {
   using A = acc_t<S>;
   const A fa = std::is_same_v<A, double> ? static_cast<A>(to_double(f)) : static_cast<A>(to_float(f));
   const A sa = std::is_same_v<A, double> ? static_cast<A>(to_double(state)) : static_cast<A>(to_float(state));
-  return from_acc<S>(std::fma(static_cast<A>(a), sa, static_cast<A>(b) * fa));
+  return from_acc<S>(static_cast<A>(k.c) * std::fma(static_cast<A>(k.a), sa, static_cast<A>(k.b) * fa));
 }
 
 // ---- exact mode (revdeq_kernels/exact), in 128-bit integers ---------------------------
