@@ -134,6 +134,9 @@ def _check_generator(caller: str, generator, device: torch.device) -> None:
     if not isinstance(generator, torch.Generator):
         raise TypeError(f"{caller}: generator must be a torch.Generator or None, got {type(generator).__name__}")
     if generator.device.type != device.type:
+        if device.type == "meta":  # torch has no meta generators; meta tensors draw nothing anyway
+            raise ValueError(f"{caller}: generator is on {generator.device} but z is on the meta device, for which "
+                             "torch makes no generator; pass generator=None")
         raise ValueError(f"{caller}: generator is on {generator.device} but z is on {device}; make it with "
                          f"torch.Generator(device={str(device)!r})")
 

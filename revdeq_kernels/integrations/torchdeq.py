@@ -65,6 +65,7 @@ input gradients or forces); wrap inference in ``torch.no_grad()`` to skip all gr
 """
 
 import inspect
+import math
 import numbers
 import warnings
 
@@ -115,8 +116,8 @@ def _is_default(value, default) -> bool:
 
 def _nfe(name: str, value) -> int:
     """A budget of f evaluations as an int >= 1."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value >= 1:
-        raise ValueError(f"{CALLER}: {name} must be a number of f evaluations >= 1, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value >= 1 or not math.isfinite(value):
+        raise ValueError(f"{CALLER}: {name} must be a finite number of f evaluations >= 1, got {value!r}")
     return int(value)
 
 
@@ -203,6 +204,18 @@ class RevDEQStat(SolverStat):
         return cls(abs_lowest=abs_trace[-1].expand(batch), rel_lowest=rel_trace[-1].expand(batch),
                    abs_trace=abs_trace.expand(batch, -1), rel_trace=rel_trace.expand(batch, -1), nstep=nstep,
                    solver_info=solver_info)
+
+
+def _note_first_call(exc: Exception, members, multi: bool) -> None:
+    """Name the core and what it passed when func fails on its first call (a z_init of the wrong shape,
+    dtype or device, or a func that does not take the state as torchdeq passes it)."""
+    if not hasattr(exc, "add_note"):  # Python < 3.11
+        return
+    shapes = ", ".join(f"{tuple(m.shape)} {str(m.dtype).replace('torch.', '')} on {m.device}" for m in members)
+    call = f"func(*z_init) with {len(members)} tensors" if multi else "func(z_init)"
+    exc.add_note(f"{CALLER}: raised by func on its first call, {call}: {shapes}. z_init must have the shape, "
+                 "dtype and device of func's state, and func must take the state as its only argument (a list "
+                 "state: one argument per member)")
 
 
 def _state(z_init) -> list:
@@ -311,8 +324,12 @@ class RevDEQCore(DEQBase):
         multi = isinstance(z_init, (tuple, list))
         options = self._options(self._budget(solver_kwargs))
 
-        found = (find_closure_tensors(func, *(m.detach() for m in members)) if torch.is_grad_enabled()
-                 else None)
+        try:
+            found = (find_closure_tensors(func, *(m.detach() for m in members)) if torch.is_grad_enabled()
+                     else None)
+        except Exception as exc:
+            _note_first_call(exc, members, multi)
+            raise
         cell = _ClosureCell(func, found, multi)
         explicit = [] if params is None else list(params)
         z0 = list(members) if multi else members[0]  # a list state comes back as a list, as from torchdeq

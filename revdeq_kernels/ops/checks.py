@@ -38,8 +38,19 @@ def check_beta(op: str, beta) -> float:
 def check_tensor(op: str, name: str, t) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    check_dense(op, name, t)
     if t.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{op}: {name} must have dtype {DTYPE_NAMES}, got {t.dtype}")
+
+
+def check_dense(op: str, name: str, t: torch.Tensor) -> None:
+    """A strided tensor: the kernels walk memory by strides, which sparse and nested tensors do not have."""
+    if t.is_nested:
+        raise TypeError(f"{op}: {name} must be a dense (strided) tensor, got a nested tensor; pass each of its "
+                        "components (t.unbind()) or a padded dense tensor (t.to_padded_tensor(0.0))")
+    if t.layout != torch.strided:
+        raise TypeError(f"{op}: {name} must be a dense (strided) tensor, got layout {t.layout}; convert it with "
+                        f"{name}.to_dense()")
 
 
 def check_pair(op: str, state_name: str, state, f_name: str, f) -> None:
@@ -81,7 +92,8 @@ def check_lists(op: str, a_name: str, a_seq, b_name: str, b_seq) -> None:
         raise ValueError(f"{op}: {b_name} has {len(b_seq)} tensors but {a_name} has {len(a_seq)}")
     device = getattr(a_seq[0], "device", None)
     for a, b in zip(a_seq, b_seq):
-        if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and (a.dtype, b.dtype) in PAIRS
+        if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.layout == torch.strided
+                and b.layout == torch.strided and not (a.is_nested or b.is_nested) and (a.dtype, b.dtype) in PAIRS
                 and a.device == device and b.device == device and a.shape == b.shape):
             break
     else:

@@ -26,10 +26,10 @@ def solve(f, x, *, z0=None, params=None, options: SolverOptions, caller: str = "
         raise TypeError(f"{caller}: f must be callable as f(z, x), got {type(f).__name__}")
     x_kind, inputs = x_tensors(caller, x)
     layout = state_layout(caller, inputs, z0, options)
-    explicit_params = params is not None
     params = params_of(caller, f, params, inputs)
-    # A closure may hide tensors that require grad from us; a Module's own parameters cannot hide.
-    check_closures = torch.is_grad_enabled() and (explicit_params or not isinstance(f, torch.nn.Module))
+    # A closure, and a Module too (a tensor attribute that requires grad, an encoder's output stored
+    # on it), may use tensors that require grad but are not among the inputs: they would get no gradient.
+    check_closures = torch.is_grad_enabled()
     problem = Problem(caller, f, x_kind, len(inputs), layout, z0 is None, options, check_closures)
     info = SolverInfo(caller, options)
     starts = layout.split(z0) if z0 is not None else [None]
@@ -78,8 +78,9 @@ def reversible_fixed_point(f, x, *, z0=None, beta=0.8, max_steps=30, tol=1e-3, p
         state_dtype: ``torch.float64`` (default; gradients stay exact for far more steps) or
             ``torch.float32`` (faster, drifts after 8-16 steps). It must hold the compute dtype. In
             exact mode it is the dtype of the adjoint states (the backward's ``beta * dL/dz``).
-        max_drift: raise :class:`~revdeq_kernels.DriftError` when the backward's reconstructed
-            start is further than this (relative) from the true one; None warns once above 0.1.
+        max_drift: raise :class:`~revdeq_kernels.DriftError` from inside the backward when its
+            reconstructed start is further than this (relative) from the true one (one host sync, also
+            with ``tol=None``); None warns above 0.1 (rate-limited: occurrences 1, 2, 4, 8, ...).
         backend: the backend of the fused ops (``None``/``"auto"``, ``"cuda"``, ``"triton"``,
             ``"cpp"``, ``"reference"``).
         exact: exact mode (see below).
@@ -136,7 +137,9 @@ def reversible_fixed_point(f, x, *, z0=None, beta=0.8, max_steps=30, tol=1e-3, p
         raise ``FloatingPointError`` naming the pass and step: inside the pass when ``tol`` is set,
         when ``info`` is read when ``tol=None``.
 
-    Double backward (``create_graph=True`` then differentiating again) is not supported and raises.
+    Double backward is not supported: ``torch.autograd.grad(..., create_graph=True)`` through the solve raises
+    at that call. ``f`` must not modify its arguments in place (it raises, naming the pass and step), and a
+    Module ``f`` must own (as parameters) or receive (in ``x``) every tensor it uses that requires grad.
 
     Example:
         >>> f = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.Tanh())

@@ -20,6 +20,7 @@ import torch
 
 from .. import exact, ops
 from .layout import StateLayout
+from .step_rows import StepRows
 
 # A status bit of the solver's own, beside exact.FixedStatus (which uses the low 4 bits): z0
 # held values that fixed point cannot represent. Only row 0 of the forward's status carries it.
@@ -152,12 +153,14 @@ class FixedStates:
         self.forward = forward
 
     @classmethod
-    def start(cls, start, layout: StateLayout, beta, frac_bits, backend, max_steps, first_steps) -> "FixedStates":
+    def start(cls, start, layout: StateLayout, beta, frac_bits, backend, max_steps, first_steps,
+              grow_status: bool = False) -> "FixedStates":
         """Both states at ``quantize(start)`` (a structured value like z0; None means zeros); room for
         ``first_steps`` steps of remainders to begin with, growing up to ``max_steps``
-        (``first_steps=None``: keep none, no backward will run)."""
+        (``first_steps=None``: keep none, no backward will run). ``grow_status``: the status rows grow with
+        the steps taken (a tolerance may stop early) instead of being allocated for max_steps at once."""
         device = layout.device
-        status = torch.zeros(max_steps + 1, dtype=torch.int32, device=device)
+        status = StepRows(max_steps, (), torch.int32, device, grow=grow_status, zeros=True)
         y = layout.zeros(torch.int64)
         if start is not None:
             y.copy_(quantize(layout.gather(start, torch.float64), frac_bits, status[0:1]))
@@ -191,6 +194,10 @@ class FixedStates:
     def show_for_grad(self, which: str):
         layout = self.layout
         return layout.join([m.detach().requires_grad_() for m in layout.split(self.show(which))])
+
+    def show_start_for_grad(self, start):
+        """The start as f saw it in the forward: z's reconstruction, which is bit-exact in exact mode."""
+        return self.show_for_grad("z")
 
     def _status_row(self, half_step: int) -> torch.Tensor:
         step = half_step // 2 + 1  # half-steps 2n-2 (y) and 2n-1 (z) make up step n

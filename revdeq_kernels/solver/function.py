@@ -7,12 +7,13 @@ a graph of ``f``; in exact mode also the remainder bits (m per element per half-
 is one input and one output per member, so each member of z0 and of z gets its own gradient.
 """
 
+import contextlib
+
 import torch
-from torch.autograd.function import once_differentiable
 
 from . import loop
 from .info import SolverInfo
-from .problem import Problem
+from .problem import Problem, autocast_enabled
 
 
 class _Autocast:
@@ -20,11 +21,13 @@ class _Autocast:
 
     def __init__(self, device_type: str):
         self.device_type = device_type
-        self.enabled = torch.is_autocast_enabled(device_type)
+        self.enabled = autocast_enabled(device_type)
         self.dtype = torch.get_autocast_dtype(device_type) if self.enabled else None
 
     def __call__(self):
-        return torch.autocast(self.device_type, dtype=self.dtype, enabled=self.enabled)
+        if not self.enabled:
+            return contextlib.nullcontext()  # also for devices autocast does not know (meta)
+        return torch.autocast(self.device_type, dtype=self.dtype)
 
 
 class ReversibleFixedPoint(torch.autograd.Function):
@@ -43,7 +46,7 @@ class ReversibleFixedPoint(torch.autograd.Function):
         declared = [t for t in tensors if t.requires_grad] if problem.check_closures else None
         result = loop.forward(problem, info, problem.pack_x(x_tensors), x_tensors, z0, declared)
         ctx.problem, ctx.info = problem, info
-        ctx.steps, ctx.tape = result.steps, result.tape
+        ctx.steps, ctx.tape, ctx.last_fy = result.steps, result.tape, result.last_fy
         ctx.autocast = _Autocast(problem.device.type)
         ctx.consumed = False
         saved_states = result.states.saved()
@@ -52,8 +55,21 @@ class ReversibleFixedPoint(torch.autograd.Function):
         return result.states.output()
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, *grad_z):
+        problem = ctx.problem
+        if torch.is_grad_enabled():  # autograd runs a Function's backward with grad mode = create_graph
+            raise RuntimeError(
+                f"{problem.caller}: create_graph=True (double backward, e.g. a gradient penalty or force matching "
+                "through dL/dx) is not supported through the reversible solve: its backward reconstructs the states "
+                "in place and returns gradients without a graph, so a penalty built on them would silently get no "
+                "gradient. Instead differentiate one application of f at the returned fixed point (z = f(z.detach(), "
+                "x) keeps the graph of that step), use revdeq_kernels.jacobian_penalty for a Jacobian regulariser, or "
+                "call torch.autograd.grad without create_graph")
+        with torch.no_grad():
+            return ReversibleFixedPoint._backward(ctx, *grad_z)
+
+    @staticmethod
+    def _backward(ctx, *grad_z):
         problem = ctx.problem
         if ctx.consumed:
             raise RuntimeError(
@@ -73,6 +89,7 @@ class ReversibleFixedPoint(torch.autograd.Function):
         with ctx.autocast():
             grad_z0, grad_x, grad_params = loop.backward(
                 problem, ctx.info, states, ctx.steps, ctx.tape, layout.join(grad_z), z0,
-                x_tensors, need_x, params, needs[n_start + problem.n_x:], needs[:n_start])
+                x_tensors, need_x, params, needs[n_start + problem.n_x:], needs[:n_start],
+                ctx.last_fy)
         ctx.tape = None
         return (None, None, *grad_z0, *grad_x, *grad_params)

@@ -19,13 +19,30 @@ from . import exact_states
 if TYPE_CHECKING:
     from .options import SolverOptions
 
-# Default bound on the reported drift above which the backward warns (once per process). The
+# Default bound on the reported drift above which the backward warns. The
 # reversed iteration amplifies rounding by 1/|1-beta| per half-step while the adjoints shrink, so the
 # start state is always the worst-reconstructed point: gradients stay close to stored-activation
 # backprop while the drift is well below 1, and go wrong (1e-3 and worse) once it is O(1) or more
 # (benchmarks/drift_table.py measures both).
 DRIFT_WARN_BOUND = 0.1
-_warned = {"drift": False}
+# The reconstruction moved f's outputs (f_mismatch, reconstruction part) by more than this and more
+# than F_MISMATCH_DRIFT_RATIO times the drift: f is not smooth where the reconstruction landed.
+F_MISMATCH_WARN_BOUND = 1e-3
+F_MISMATCH_DRIFT_RATIO = 100.0
+
+# How often each warning has fired in this process: it is shown on occurrences 1, 2, 4, 8, ... so a
+# training loop that hits it every step is not flooded, and a later occurrence is never silent for long.
+_occurrences = {"drift": 0, "f_changed": 0, "f_mismatch": 0}
+
+
+def _rate_limited(kind: str) -> str | None:
+    """None when this occurrence of ``kind`` is not shown, else a note saying which occurrence it is."""
+    _occurrences[kind] += 1
+    count = _occurrences[kind]
+    if count & (count - 1):
+        return None
+    return ("" if count == 1 else f" (occurrence {count} in this process)") + \
+        "; repeats are shown at occurrences 2, 4, 8, ..."
 
 
 class DriftError(RuntimeError):
@@ -50,7 +67,15 @@ class SolverInfo(Mapping):
         ``"steps"``: int, the forward steps taken (each evaluates ``f`` twice); known without a sync.
         ``"residual"``: float, ``||z - f(z)|| / ||f(z)||`` at the returned ``z``.
         ``"drift"``: float, after backward: ``max |reconstructed start - z0| / max(|z|, |z0|)``;
-        None before the backward ran.
+        None before the backward ran. Above ``max_drift`` it raises :class:`DriftError` (inside the
+        backward when ``tol`` or ``max_drift`` is set); with neither, above 0.1 it warns (rate-limited:
+        occurrences 1, 2, 4, 8, ... in a process).
+        ``"f_mismatch"``: float, after backward: a lower bound on how far f's outputs in the backward
+        moved from the forward's at the same states, relative to ``||f||``: at the final ``y`` (stored
+        exactly: any change means f changed between the passes, e.g. it reads global state; warns above
+        16 ulps of f's dtype) and along the reconstruction (warns when far above the drift: f is not
+        smooth where the reconstruction landed; exact mode avoids it). :meth:`drift_tensor` and
+        :meth:`f_mismatch_tensor` give both without a host sync.
         ``"residual_trace"``: list of ``steps + 1`` floats, the relative residual after each step
         (entry 0 at the start ``z0``, the last one equals ``"residual"``); read with ``"residual"``.
 
@@ -84,7 +109,7 @@ class SolverInfo(Mapping):
         >>> info["residual_trace"]  # [at z0, after step 1, ..., after step 12]
     """
 
-    _KEYS = ("steps", "residual", "drift", "residual_trace")
+    _KEYS = ("steps", "residual", "drift", "f_mismatch", "residual_trace")
     # Attached after the solve by the caller (RevDEQ), each a value or a zero-argument callable that
     # is called once, on first read, so device values cost a host sync only when somebody asks.
     DIAGNOSTICS = ("spectral_radius", "jac_penalty")
@@ -100,6 +125,8 @@ class SolverInfo(Mapping):
         self._diagnostics = {}  # key -> value or zero-argument callable, in the order attached
         self._backward = None  # (steps + 1, 4): NaN-propagating evidence per backward step, drift last
         self._drift = None
+        self._drift_warned = False
+        self._f_mismatch = None
         self._status = self._backward_status = None  # exact mode: int32 flags per step of each pass
         self._facts = {}  # further keys, set once by the solver (exact mode's beta and memory)
 
@@ -114,6 +141,8 @@ class SolverInfo(Mapping):
             return self._read_forward()
         if key == "drift":
             return self._read_backward()
+        if key == "f_mismatch":
+            return None if self._read_backward() is None else self._f_mismatch
         if key == "residual_trace":
             return None if self._read_forward() is None else self._trace[:self.steps + 1]
         if key in self._diagnostics:
@@ -182,7 +211,7 @@ class SolverInfo(Mapping):
         return None if self._history is None else self._history[:self.steps + 1]
 
     def _read_forward(self) -> float | None:
-        if self._history is None:
+        if self._history is None or self._history.device.type == "meta":  # meta tensors hold no values
             return None
         return self.read_forward_rows(self.steps)
 
@@ -207,14 +236,24 @@ class SolverInfo(Mapping):
         self._backward_status = status
         self._drift = None
 
+    def drift_tensor(self) -> torch.Tensor | None:
+        """The drift as a 0-dim float64 tensor on the solve's device, without a host sync; None before the
+        backward ran. The cheap per-call flag for a training loop: accumulate it (``worst = torch.maximum(worst,
+        info.drift_tensor())``) and read it once in a while, instead of reading ``info["drift"]`` every step."""
+        return None if self._backward is None else self._backward[0, 0]
+
+    def f_mismatch_tensor(self) -> torch.Tensor | None:
+        """``info["f_mismatch"]`` as a 0-dim float64 device tensor, without a host sync (None before the backward)."""
+        return None if self._backward is None else self._backward[0, 1:3].amax()
+
     def _read_backward(self) -> float | None:
-        if self._backward is None:
+        if self._backward is None or self._backward.device.type == "meta":
             return None
         if self._drift is None:
             if self._exact():
                 self._read_forward()  # a forward problem explains (and outranks) anything the backward saw
             rows = _with_status(self._backward, self._backward_status, 0, len(self._backward))
-            drift = rows[0][0]
+            drift, reconstruction, changed, changed_bound = rows[0][:4]
             for step in range(len(rows) - 1, 0, -1):  # the order the backward visited them
                 if self._backward_status is not None:
                     self._check_fixed_point("backward", step, rows[step])
@@ -228,6 +267,8 @@ class SolverInfo(Mapping):
                     f"{self._caller}: non-finite values in the backward pass at step 1: the reconstruction of "
                     f"the start diverged ({self._describe_states()})")
             self._drift = drift
+            self._f_mismatch = max(reconstruction, changed)
+            self._check_f(reconstruction, changed, changed_bound)  # once: warnings, not errors
         self._check_drift(self._drift)  # on every read: an error stays an error
         return self._drift
 
@@ -263,12 +304,35 @@ class SolverInfo(Mapping):
                    "to 0.5"))
         # Exact mode reconstructs bit for bit: any drift at all means f was not deterministic.
         warn_bound = 0.0 if self._exact() else DRIFT_WARN_BOUND
-        if bound is None and drift > warn_bound and not _warned["drift"]:
-            _warned["drift"] = True
-            warnings.warn(
-                f"{self._caller}: the backward pass reconstructed the start state with relative drift "
-                f"{drift:.3e} ({self._describe_states()}); gradients may be inexact. Pass max_drift= to "
-                "turn this into an error; this warning is shown once", RuntimeWarning, stacklevel=2)
+        if bound is None and drift > warn_bound and not self._drift_warned:
+            self._drift_warned = True  # once per solve, however often info is read
+            note = _rate_limited("drift")
+            if note is not None:
+                warnings.warn(
+                    f"{self._caller}: the backward pass reconstructed the start state with relative drift "
+                    f"{drift:.3e} ({self._describe_states()}); gradients may be inexact. Pass max_drift= to "
+                    f"turn this into an error{note}", RuntimeWarning, stacklevel=3)
+
+    def _check_f(self, reconstruction: float, changed: float, changed_bound: float) -> None:
+        """Warn when f's outputs in the backward differ from the forward's at the same states."""
+        if changed > changed_bound:
+            note = _rate_limited("f_changed")
+            if note is not None:
+                warnings.warn(
+                    f"{self._caller}: f returned a different value in the backward than in the forward for the same "
+                    f"final state (relative change >= {changed:.3e}): f changed between forward and backward (it "
+                    "reads global state, its parameters or buffers were modified in place, or its kernels are "
+                    "nondeterministic), so the gradient is not that of the function the forward solved. Run "
+                    f"backward before changing what f depends on{note}", RuntimeWarning, stacklevel=4)
+        elif reconstruction > max(F_MISMATCH_WARN_BOUND, F_MISMATCH_DRIFT_RATIO * self._drift):
+            note = _rate_limited("f_mismatch")
+            if note is not None:
+                warnings.warn(
+                    f"{self._caller}: f's outputs at the reconstructed states differ from the forward's by "
+                    f">= {reconstruction:.3e} (relative) although the drift is only {self._drift:.3e}: the "
+                    "reconstruction landed where f is not smooth (ReLU kinks, a normalisation of a near-constant "
+                    "input), so gradients may be far off. Use exact=True, which reconstructs every state bit for "
+                    f"bit{note}", RuntimeWarning, stacklevel=4)
 
 
 def _with_status(rows: torch.Tensor, status: torch.Tensor | None, start: int, stop: int) -> list:

@@ -47,6 +47,10 @@ from .layout import StateLayout
 from .problem import FIRST_EVALUATION, Problem, check_declared, check_partial
 from .rng import RngTape
 from .states import FloatStates
+from .step_rows import StepRows
+
+# f_changed above this many ulps of f's dtype means f returned something else in the backward.
+F_CHANGED_ULPS = 16
 
 # With a tolerance, exact mode allocates remainders for this many steps first and then doubles the
 # capacity as the forward goes on (tol=None allocates all max_steps at once).
@@ -62,7 +66,7 @@ def start_states(problem: Problem, z0, keep_remainders: bool):
     if o.exact:
         first = o.max_steps if o.tol is None else min(o.max_steps, FIRST_REMAINDER_STEPS)
         return FixedStates.start(z0, problem.layout, o.dyadic_beta, o.frac_bits, o.backend, o.max_steps,
-                                 first if keep_remainders else None)
+                                 first if keep_remainders else None, grow_status=o.tol is not None)
     return FloatStates.start(z0, problem.layout, o.state_dtype, o.beta, o.backend)
 
 
@@ -79,6 +83,21 @@ class ForwardResult:
     states: FloatStates | FixedStates
     steps: int
     tape: RngTape
+    last_fy: torch.Tensor | None = None  # f_signature of f(y) at the final y, which the backward evaluates first
+
+
+def f_signature(layout: StateLayout, f_val) -> torch.Tensor:
+    """[||f||, sum(f) / sqrt(numel)] over all members, float64, on the device: two numbers that change when
+    f's output does (|difference| <= ||change|| for each), to compare one evaluation with another."""
+    members = layout.split(f_val)
+    numel = max(1, sum(m.numel() for m in members))
+    sq = sum(torch.linalg.vector_norm(m, dtype=torch.float64).square() for m in members)
+    total = sum(m.sum(dtype=torch.float64) for m in members)
+    return torch.stack([sq.sqrt(), total / numel ** 0.5])
+
+
+def _kept(t):
+    return t
 
 
 def forward(problem: Problem, info: SolverInfo, x, x_tensors, z0, declared=None, keep_rng=True) -> ForwardResult:
@@ -95,7 +114,9 @@ def forward(problem: Problem, info: SolverInfo, x, x_tensors, z0, declared=None,
     """
     o = problem.options
     states = start_states(problem, z0, keep_rng)
-    history = torch.empty(o.max_steps + 1, 2, dtype=states.residual_dtype, device=problem.device)
+    last_fy = None
+    # With a tolerance the rows grow with the steps taken (max_steps may be huge); without, all at once.
+    history = StepRows(o.max_steps, (2,), states.residual_dtype, problem.device, grow=o.tol is not None)
     info.start_forward(history, states.status)
     tape = RngTape([*x_tensors, states.z] if keep_rng else None)
 
@@ -103,7 +124,10 @@ def forward(problem: Problem, info: SolverInfo, x, x_tensors, z0, declared=None,
     if declared is None:
         fz = problem.evaluate(states.show("z"), x, FIRST_EVALUATION)
     else:
-        with torch.enable_grad():
+        # The graph exists only for check_declared and is dropped right after: its saved tensors are
+        # never used by a backward, so an outer saved-tensors hook (CPU offloading, a memory count) must
+        # not see them; this inner hook takes them instead.
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(_kept, _kept):
             fz = problem.evaluate(states.show("z"), x, FIRST_EVALUATION)
             check_declared(problem, fz, declared)
         fz = problem.layout.detach(fz)
@@ -111,24 +135,33 @@ def forward(problem: Problem, info: SolverInfo, x, x_tensors, z0, declared=None,
     steps = 0
     for n in range(1, o.max_steps + 1):
         where = f"forward pass, step {n}"
+        history.ensure(n)
+        if states.status is not None:
+            states.status.ensure(n)
         states.relax_("y", fz)
         del fz
         tape.record()
         fy = problem.evaluate(states.show("y"), x, where)
         states.relax_("z", fy)
+        if keep_rng:  # a backward follows: it compares its first evaluation, f(y[steps]), with this one
+            last_fy = fy
         del fy
         tape.record()
         fz = problem.evaluate(states.show("z"), x, where)
         history[n] = states.residual(fz)
         steps = n
+        if o.tol is not None and problem.device.type == "meta":
+            break  # shape inference (meta tensors hold no values): one step shows f every shape it will see
         if o.tol is not None and (n % o.check_every == 0 or n == o.max_steps):
             if info.read_forward_rows(n) <= o.tol:
                 break
     tape.finish()
+    if last_fy is not None:  # summarised once, after the loop: no reductions per step
+        last_fy = f_signature(problem.layout, problem.layout.detach(last_fy))
     states.finish_forward()
     info.steps = steps
     info.add_facts(states.facts(steps))
-    return ForwardResult(states, steps, tape)
+    return ForwardResult(states, steps, tape, last_fy)
 
 
 class _GradSink:
@@ -187,8 +220,30 @@ def _buffers_restored(f):
                 buffer.copy_(value)
 
 
+def f_mismatch(forward_rows: torch.Tensor, backward_rows: torch.Tensor) -> torch.Tensor:
+    """How far f's outputs in the backward moved from the forward's at the same states, relative to |f|
+    (a device scalar, no sync).
+
+    Row n - 1 of the forward's history and row n of the backward's evidence are both
+    ``[||z - f(z)||^2, ||f(z)||^2]`` at z[n-1], the forward's true state and the backward's reconstruction
+    of it. By the triangle inequality the largest change of either norm over ``||f(z)||`` is a lower bound
+    on ``max_n ||f_backward - f_forward|| / ||f||`` (plus the reconstruction error of z itself, which the
+    drift bounds). For smooth f it is about the drift; much more means the backward differentiated f at
+    inputs where f behaves differently (a kink or a zero-variance normalisation hit by the tiny
+    reconstruction error) or f itself changed between forward and backward."""
+    fwd = forward_rows.to(torch.float64).clamp_min(0.0).sqrt()
+    bwd = backward_rows.clamp_min(0.0).sqrt()
+    scale = fwd[:, 1].clamp_min(torch.finfo(torch.float64).tiny)
+    return ((bwd - fwd).abs().amax(dim=1) / scale).amax()
+
+
+def _relative_change(now: torch.Tensor, then: torch.Tensor) -> torch.Tensor:
+    """max |now - then| / |then[0]| of two f_signature values (a lower bound on ||f_now - f_then|| / ||f||)."""
+    return (now - then).abs().amax() / then[0].clamp_min(torch.finfo(torch.float64).tiny)
+
+
 def backward(problem: Problem, info: SolverInfo, states: FloatStates | FixedStates, steps: int, tape: RngTape,
-             grad_z, z0, x_tensors, need_x, params, need_params, need_z0):
+             grad_z, z0, x_tensors, need_x, params, need_params, need_z0, last_fy=None):
     """The reversible backward: reconstructs the states in place and returns the exact gradients.
 
     Args:
@@ -238,8 +293,12 @@ def backward(problem: Problem, info: SolverInfo, states: FloatStates | FixedStat
             tape.replay(2 * n - 1)
             y_in = states.show_for_grad("y")
             fy = problem.evaluate(y_in, x, where)
-            if n == steps and problem.check_closures:
-                check_partial(problem, fy, sink.tensors)
+            if n == steps:
+                if last_fy is not None:  # y[steps] is the forward's own state: f must return what it did then
+                    f_changed = _relative_change(f_signature(layout, layout.detach(fy)), last_fy)
+                f_eps = max(torch.finfo(t.dtype).eps for t in layout.split(fy))
+                if problem.check_closures:
+                    check_partial(problem, fy, sink.tensors)
             states.unrelax_("z", fy)  # z[n-1]
             a = _vjp(layout, fy, y_in, hz, sink)
             del fy, y_in
@@ -247,7 +306,10 @@ def backward(problem: Problem, info: SolverInfo, states: FloatStates | FixedStat
             del a
 
             tape.replay(2 * n - 2)
-            z_in = states.show_for_grad("z")
+            # At n = 1 f is differentiated at the start the forward saw, not at its reconstruction: a start
+            # like z0 = 0 puts f's ReLUs exactly on their kinks, where a reconstruction error of 1e-9
+            # flips each derivative between 0 and 1 (gradients 20x off at a drift of 1e-8).
+            z_in = states.show_start_for_grad(z0) if n == 1 else states.show_for_grad("z")
             fz = problem.evaluate(z_in, x, where)
             states.unrelax_("y", fz)  # y[n-1]
             evidence[n, :2] = states.residual(fz)
@@ -259,9 +321,13 @@ def backward(problem: Problem, info: SolverInfo, states: FloatStates | FixedStat
 
     tiny = torch.finfo(scale.dtype).tiny
     evidence[0] = (states.distance_to(z0) / scale.clamp_min(tiny)).to(torch.float64)
+    evidence[0, 1] = f_mismatch(info.residual_history()[:steps], evidence[1:, :2])
+    evidence[0, 2] = f_changed if last_fy is not None else 0.0
+    # What f_changed may reach by rounding alone (nondeterministic kernels), for f's least precise output.
+    evidence[0, 3] = F_CHANGED_ULPS * f_eps
     info.set_backward(evidence, states.status)
-    if o.tol is not None:
-        info.check()  # a tolerance allows syncs: report problems from inside backward
+    if o.tol is not None or o.max_drift is not None:
+        info.check()  # a tolerance allows syncs, and an explicit max_drift asks for one: raise inside backward
 
     grad_z0 = [None] * len(need_z0)
     if any(need_z0):

@@ -11,6 +11,9 @@ from .. import ops
 from ..ops import checks
 
 STATE_DTYPES = (torch.float64, torch.float32)
+# Far beyond any solve that could finish (each step evaluates f twice); keeps step counts and the
+# residual history's row indices in int32 range.
+MAX_STEPS = 2**31 - 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,6 +54,9 @@ class SolverOptions:
                                  "exact=False; pass exact=True with it, or leave frac_bits out")
             beta = checks.check_beta(caller, beta)
         max_steps = _positive_int(caller, "max_steps", max_steps)
+        if max_steps > MAX_STEPS:
+            raise ValueError(f"{caller}: max_steps must be at most 2**31 - 1 = {MAX_STEPS}, got {max_steps}; with a "
+                             "tol the solve stops when it converges, so a large bound costs nothing")
         check_every = _positive_int(caller, "check_every", check_every)
         tol = _optional_nonnegative(caller, "tol", tol)
         max_drift = _optional_nonnegative(caller, "max_drift", max_drift)

@@ -7,6 +7,7 @@ to the solve's inputs), and the normalisation of the caller's arguments into a P
 
 import torch
 
+from ..ops.checks import check_dense
 from ..ops.dtypes import FLOAT_DTYPES
 from .layout import StateLayout
 
@@ -51,16 +52,20 @@ class Problem:
         ``z`` is a tensor, or a tuple of members that f receives in the caller's container. Returns f's
         output as the solver passes structured values around: a tensor, or a tuple of members."""
         layout = self.layout
+        watched = _watch([*layout.split(z), *([x] if isinstance(x, torch.Tensor) else x)])
         try:
             out = self.f(layout.pack(z), x)
-        except Exception as exc:
-            if where == FIRST_EVALUATION and hasattr(exc, "add_note"):  # Python >= 3.11
-                origin = ("the default z0: zeros shaped like x's first tensor; if f's state has another shape, "
-                          "pass z0=" if self.default_start else "z0's shape")
-                if layout.is_tuple and not self.default_start:
-                    origin = "z0's shapes"
-                exc.add_note(f"{self.caller}: raised by f on its first call, with {layout.describe()} ({origin})")
+        except RuntimeError as exc:
+            if _LEAF_IN_PLACE in str(exc):  # the backward hands f leaves that require grad
+                raise RuntimeError(self._mutation_message(where, "its input z")) from exc
+            self._note_first_call(exc, where)
             raise
+        except Exception as exc:
+            self._note_first_call(exc, where)
+            raise
+        for i, t, version in watched:
+            if t._version != version:
+                raise RuntimeError(self._mutation_message(where, _input_name(layout, self.n_x, i)))
         name = f"{self.caller}: f ({where})"
         if not layout.is_tuple:
             if not isinstance(out, torch.Tensor):
@@ -81,6 +86,24 @@ class Problem:
             self._check_member(name, member, i)
         return tuple(out)
 
+    def _note_first_call(self, exc: Exception, where: str) -> None:
+        """Say, on an error f raised on its first call, what the solver gave it (often a default z0 of the
+        wrong shape)."""
+        if where != FIRST_EVALUATION or not hasattr(exc, "add_note"):  # add_note: Python >= 3.11
+            return
+        layout = self.layout
+        origin = ("the default z0: zeros shaped like x's first tensor; if f's state has another shape, pass z0="
+                  if self.default_start else "z0's shape")
+        if layout.is_tuple and not self.default_start:
+            origin = "z0's shapes"
+        exc.add_note(f"{self.caller}: raised by f on its first call, with {layout.describe()} ({origin})")
+
+    def _mutation_message(self, where: str, what: str) -> str:
+        return (f"{self.caller}: f ({where}) modified {what} in place (e.g. nn.ReLU(inplace=True), relu_, += or "
+                "copy_ applied to its argument). f receives the solver's own state, which an in-place change would "
+                "corrupt, and the backward differentiates through its arguments: make that operation out of place, "
+                "or clone the argument first (z = z.clone())")
+
     def _check_member(self, name: str, out: torch.Tensor, i: int) -> None:
         """Member ``i`` of f's output against the state's member ``i`` (the whole state for one tensor)."""
         layout = self.layout
@@ -100,8 +123,34 @@ class Problem:
                             f"({origin}); f must return that dtype (or, under torch.autocast, a less precise one)")
 
     def _autocast_allows(self, dtype) -> bool:
-        return (dtype.is_floating_point and torch.is_autocast_enabled(self.device.type)
+        return (dtype.is_floating_point and autocast_enabled(self.device.type)
                 and torch.promote_types(self.options.state_dtype, dtype) == self.options.state_dtype)
+
+
+def autocast_enabled(device_type: str) -> bool:
+    """torch.is_autocast_enabled for a device type, False for those autocast does not know (meta)."""
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except RuntimeError:
+        return False
+
+
+# Autograd's error when an in-place operation hits a leaf that requires grad (the backward's f inputs).
+_LEAF_IN_PLACE = "a leaf Variable that requires grad is being used in an in-place operation"
+
+
+def _watch(tensors) -> list:
+    """(position, tensor, version counter) for each tensor f receives, to detect f writing to its arguments.
+    Inference tensors have no version counter; f cannot write to them under inference mode anyway."""
+    return [(i, t, t._version) for i, t in enumerate(tensors) if isinstance(t, torch.Tensor) and not t.is_inference()]
+
+
+def _input_name(layout: StateLayout, n_x: int, i: int) -> str:
+    """The name of f's i-th watched argument: the state's members first, then x's tensors."""
+    members = len(layout.shapes)
+    if i < members:
+        return f"its input z[{i}]" if layout.is_tuple else "its input z"
+    return "its input x" if n_x == 1 else f"its input x[{i - members}]"
 
 
 def _walk(roots, stop):
@@ -141,10 +190,19 @@ def check_declared(problem: Problem, out, declared) -> None:
               if node not in stop and _is_leaf_node(node)]
     if hidden:
         shapes = ", ".join(str(tuple(t.shape)) for t in hidden[:4]) + (", ..." if len(hidden) > 4 else "")
+        if isinstance(problem.f, torch.nn.Module):
+            fix = ("register them on f as nn.Parameter (or in a submodule); a tensor computed outside f (e.g. an "
+                   "encoder's output stored as an attribute) belongs in x, which may be a tuple of tensors. Or detach "
+                   "them")
+            what = "f (an nn.Module) uses"
+            where = "are neither its parameters nor in x"
+        else:
+            fix = "Pass them (or the tensors f closes over) with params=[...], or detach them"
+            what = "f depends on"
+            where = "were passed neither as x nor in params"
         raise ValueError(
-            f"{problem.caller}: f depends on {len(hidden)} tensor(s) that require grad but were passed neither as "
-            f"x nor in params (shapes {shapes}); the solver would silently give them no gradient. Pass them "
-            "(or the tensors f closes over) with params=[...], or detach them")
+            f"{problem.caller}: {what} {len(hidden)} tensor(s) that require grad but {where} (shapes {shapes}); the "
+            f"solver would silently give them no gradient. {fix[0].upper() + fix[1:]}")
 
 
 def check_partial(problem: Problem, out, inputs) -> None:
@@ -231,6 +289,7 @@ def state_layout(caller, x_tensors, z0, options) -> StateLayout:
                 nested = "; nested structures are not supported: pass one flat tuple" if isinstance(
                     t, (tuple, list)) else ""
                 raise TypeError(f"{caller}: {name} must be a torch.Tensor, got {type(t).__name__}{nested}")
+            check_dense(caller, name, t)
             if t.dtype not in FLOAT_DTYPES:
                 raise TypeError(f"{caller}: {name} must have dtype float64, float32, float16 or bfloat16, "
                                 f"got {t.dtype}")

@@ -81,6 +81,13 @@ class FloatStates:
         layout = self.layout
         return layout.join([m.detach().requires_grad_() for m in layout.split(self.show(which))])
 
+    def show_start_for_grad(self, start):
+        """The start as f saw it in the forward (z0, or zeros: exactly, z0 is in the compute dtypes), like
+        :meth:`show_for_grad`; the backward differentiates f there instead of at z's reconstruction."""
+        layout = self.layout
+        buffer = layout.zeros(self.z.dtype) if start is None else layout.gather(start, self.z.dtype)
+        return layout.join([m.detach().requires_grad_() for m in layout.split(layout.cast(buffer))])
+
     def relax_(self, which: str, f_val) -> None:
         ops.relax_(self._members[which], self.layout.detach(f_val), self.beta, backend=self.backend)
 

@@ -1,6 +1,8 @@
 """The torchdeq core (core="revdeq") against the real torchdeq package: gradients, eval mode, info, options."""
 
 import argparse
+import re
+import sys
 import warnings
 
 import pytest
@@ -236,7 +238,8 @@ REFUSED = [
     (dict(n_states=2), ValueError, r"RevDEQCore: n_states=2 is not supported: the revdeq core returns one state"),
     (dict(indexing=[2, 4]), ValueError, r"RevDEQCore: indexing=\[2, 4\] is not supported"),
     (dict(f_stop_mode="max"), ValueError, r"f_stop_mode must be 'rel' or 'abs' \(read as 'rel'\), got 'max'"),
-    (dict(f_max_iter=0), ValueError, r"RevDEQCore: f_max_iter must be a number of f evaluations >= 1, got 0"),
+    (dict(f_max_iter=0), ValueError, r"RevDEQCore: f_max_iter must be a finite number of f evaluations >= 1, got 0"),
+    (dict(f_max_iter=float("inf")), ValueError, r"RevDEQCore: f_max_iter must be a finite number .*got inf"),
     (dict(beta=1.0), ValueError, r"RevDEQCore: beta must be a finite number in \(0, 2\) other than 1"),
     (dict(state_dtype="float16"), ValueError, r"state_dtype must be torch.float64, torch.float32, 'float64' or"),
     (dict(f_tol=-1.0), ValueError, r"RevDEQCore: tol must be a finite number >= 0 or None"),
@@ -350,3 +353,24 @@ def test_float32_model_keeps_float64_states_and_returns_float32():
     assert rel_err(z_out[0], z) < 1e-6
     want = torch.autograd.grad(z.sum(), [lin.weight])
     assert_grads_close(got, want, 1e-5, ["lin.weight"])
+
+
+BAD_FIRST_CALLS = [
+    ("z_init shape", lambda lin: (lambda z: torch.tanh(lin(z))), torch.zeros(2, 5, dtype=torch.float64),
+     r"func\(z_init\): \(2, 5\) float64 on cpu"),
+    ("z_init device", lambda lin: (lambda z: torch.tanh(lin(z))), torch.zeros(2, 4, dtype=torch.float64,
+                                                                              device="meta"), r"on meta"),
+    ("func arity", lambda lin: (lambda z, x: torch.tanh(lin(z) + x)), torch.zeros(2, 4, dtype=torch.float64),
+     r"func must take the state as its only argument"),
+]
+
+
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="exception notes (add_note) need Python 3.11")
+@pytest.mark.parametrize("name, make, z_init, says", BAD_FIRST_CALLS, ids=[c[0] for c in BAD_FIRST_CALLS])
+def test_a_bad_z_init_or_func_names_the_core_and_what_it_passed(name, make, z_init, says):
+    lin = torch.nn.Linear(4, 4, dtype=torch.float64)
+    deq = get_deq(core="revdeq", f_max_iter=6, f_tol=None)
+    with pytest.raises(Exception) as caught:
+        deq(make(lin), z_init)
+    notes = " ".join(getattr(caught.value, "__notes__", []))
+    assert "RevDEQCore: raised by func on its first call" in notes and re.search(says, notes), notes

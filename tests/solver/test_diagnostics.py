@@ -128,7 +128,7 @@ def test_f_that_ignores_z_has_zero_penalty_and_radius():
     (lambda f, z, x: rk.jacobian_penalty(lambda z, x: 1.0, z, x), TypeError, "must return a torch.Tensor, got float"),
     (lambda f, z, x: rk.jacobian_penalty(f, z, x, generator=3), TypeError, "generator must be a torch.Generator"),
     (lambda f, z, x: rk.jacobian_penalty(lambda z, x: 2 * z, z.to("meta"), x, generator=torch.Generator()),
-     ValueError, "generator is on cpu but z is on meta"),
+     ValueError, "generator is on cpu but z is on the meta device, for which torch makes no generator"),
     (lambda f, z, x: rk.jacobian_penalty("f", z, x), TypeError, "f must be callable"),
     (lambda f, z, x: rk.spectral_radius(f, z, x, iters=0), ValueError, "spectral_radius: iters must be at least 1"),
     (lambda f, z, x: rk.spectral_radius(f, z, x, iters=True), TypeError, "iters must be an int, got bool"),

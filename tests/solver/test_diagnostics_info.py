@@ -65,12 +65,13 @@ def test_diagnostic_keys_are_present_only_when_asked_for():
     x = randn(3, 6, seed=1, requires_grad=True)
     deq = rk.RevDEQ(TanhCell(), beta=0.5, max_steps=4, tol=None)
     deq(x)
-    assert list(deq.info) == ["steps", "residual", "drift", "residual_trace"] and len(deq.info) == 4
+    assert list(deq.info) == ["steps", "residual", "drift", "f_mismatch", "residual_trace"] and len(deq.info) == 5
     with pytest.raises(KeyError):
         deq.info["jac_penalty"]
     deq = rk.RevDEQ(TanhCell(), beta=0.5, max_steps=4, tol=None, jac_reg=True, spectral_radius=True)
     deq(x)
-    assert set(deq.info) == {"steps", "residual", "drift", "residual_trace", "jac_penalty", "spectral_radius"}
+    assert set(deq.info) == {"steps", "residual", "drift", "f_mismatch", "residual_trace", "jac_penalty",
+                             "spectral_radius"}
     assert "'jac_penalty': tensor(" in repr(deq.info) and isinstance(deq.info["spectral_radius"], float)
     deq.eval()
     deq(x)

@@ -30,6 +30,7 @@ from revdeq_kernels import DriftError, backends
 from revdeq_kernels import exact as fxp
 from revdeq_kernels.backends import compiled as extension
 from revdeq_kernels.exact import DyadicBeta, ExactModeError
+from revdeq_kernels.solver import info as solver_info
 from revdeq_kernels.solver.exact_states import FixedStates, RemainderTape
 
 rfp = rk.reversible_fixed_point
@@ -237,13 +238,13 @@ def test_exact_beta_may_be_given_as_p_m_and_info_lists_the_facts():
     x = randn(3, 6, seed=1, requires_grad=True)
     z, info = rfp(TanhCell(), x, beta=(21, 4), max_steps=5, tol=None, exact=True)
     assert info["dyadic_beta"] == DyadicBeta(21, 4) and info["beta"] == 1.3125
-    assert set(info) == {"steps", "residual", "drift", "residual_trace", "beta", "dyadic_beta", "frac_bits",
-                         "remainder_bytes", "stored_states_bytes"}
+    assert set(info) == {"steps", "residual", "drift", "f_mismatch", "residual_trace", "beta", "dyadic_beta",
+                         "frac_bits", "remainder_bytes", "stored_states_bytes"}
     assert info["stored_states_bytes"] == 2 * 5 * 18 * 8  # both states, every step, 8 bytes each
     assert info["remainder_bytes"] == fxp.remainder_bytes(18, 4, 10)
     # Float mode keeps its core keys.
     assert set(rfp(TanhCell(), x, beta=0.5, max_steps=2, tol=None)[1]) == {"steps", "residual", "drift",
-                                                                          "residual_trace"}
+                                                                          "f_mismatch", "residual_trace"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -324,14 +325,17 @@ def test_a_different_f_in_the_backward_is_caught():
         info["drift"]
 
 
-def test_a_different_f_at_beta_one_half_shows_as_drift():
+def test_a_different_f_at_beta_one_half_shows_as_drift(monkeypatch):
+    monkeypatch.setitem(solver_info._occurrences, "f_changed", 0)
     # beta = 1/2 (2^m - p = 1): every inverse is in range, so only the drift can tell, and any drift at
     # all is an error in exact mode when max_drift=0 (and a warning by default).
     f = Faulty(1e-6, perturb=True)
     z, info = rfp(f, x_err, beta=0.5, max_steps=4, tol=None, exact=True, max_drift=0.0)
     f.armed = True
-    z.sum().backward()
-    with pytest.raises(DriftError, match="exact mode with frac_bits=32.*make f deterministic"):
+    with pytest.raises(DriftError, match="exact mode with frac_bits=32.*make f deterministic"), \
+            pytest.warns(RuntimeWarning, match="f returned a different value in the backward"):
+        z.sum().backward()  # an explicit max_drift is checked inside the backward, even with tol=None
+    with pytest.raises(DriftError):
         info["drift"]
 
 
