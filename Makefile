@@ -27,10 +27,16 @@ $(VENV)/.deps: pyproject.toml
 	$(PY) -m pip install --no-build-isolation -e ".[test,bench,examples]"
 	touch $@ $(VENV)/.built  # .built last: not older than .deps, so the build above is not repeated
 
-# Rebuild revdeq_kernels._C whenever a C++/CUDA source changes.
-$(VENV)/.built: $(VENV)/.deps setup.py $(CSRC)
-	$(PY) -m pip install --no-build-isolation --no-deps -e .
-	touch $@
+# Rebuild revdeq_kernels._C whenever a C++/CUDA source changes. .deps is order-only, and the recipe
+# checks the timestamps itself: GNU make treats a target whose prerequisite was remade in the same run
+# as out of date whatever the timestamps, so a fresh clone compiled _C twice (once in .deps's install).
+$(VENV)/.built: setup.py $(CSRC) | $(VENV)/.deps
+	@if [ -f $@ ] && [ -z "$$(find setup.py csrc -type f -newer $@)" ]; then \
+		echo "revdeq_kernels._C is up to date"; \
+	else \
+		echo "$(PY) -m pip install --no-build-isolation --no-deps -e ."; \
+		$(PY) -m pip install --no-build-isolation --no-deps -e . && touch $@; \
+	fi
 
 install: $(VENV)/.built
 

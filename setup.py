@@ -10,18 +10,31 @@ CUDA is built when the installed torch has CUDA (torch.version.cuda) and nvcc is
     REVDEQ_FORCE_CUDA=1        build CUDA or fail loudly (instead of skipping with a message)
     REVDEQ_SKIP_CUDA_BUILD=1   never build CUDA
     REVDEQ_SKIP_BUILD=1        build nothing: a pure-Python install (PyTorch reference backend)
-    REVDEQ_CUDA_ARCHS="8.0;9.0" compute capabilities to compile for (default 8.0 and 9.0)
-    MAX_JOBS=N                 parallel compile jobs (ninja)
+    REVDEQ_CUDA_ARCHS="8.0;9.0" compute capabilities to compile for; else TORCH_CUDA_ARCH_LIST (what
+                               every torch extension reads, e.g. "8.0;9.0+PTX"); else the default: 8.0,
+                               9.0, and 10.0 and 12.0 where the installed nvcc knows them, plus PTX of the
+                               newest so later GPUs can JIT it
+    MAX_JOBS=N                 parallel compile jobs (ninja; torch's default: the CPU count)
+    REVDEQ_PRINT_CUDA_ARCHS=1  print the arch plan as JSON and exit (no build; tests use it)
+
+The build prints what it compiles and why.
 """
 
 import glob
+import json
 import os
+import re
+import shutil
+import subprocess
 import sys
 
 from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-DEFAULT_CUDA_ARCHS = "8.0;9.0"
+# Current datacenter GPUs: A100 (8.0) and H100/H200 (9.0) always; B200 (10.0) and the 12.0 parts
+# when nvcc can target them. PTX of the newest is added in every case.
+BASE_CUDA_ARCHS = ["8.0", "9.0"]
+OPTIONAL_CUDA_ARCHS = ["10.0", "12.0"]
 
 
 def _env_flag(name):
@@ -39,15 +52,60 @@ def _sources(*patterns):
     return sorted(os.path.relpath(p, ROOT) for p in found)
 
 
-def _gencode_flags(archs):
-    """-gencode for each arch, plus PTX of the newest so later GPUs can JIT it."""
-    caps = [a.strip().replace(".", "") for a in archs.replace(",", ";").split(";") if a.strip()]
-    if not caps or not all(c.isdigit() for c in caps):
-        raise SystemExit(f"REVDEQ_CUDA_ARCHS must list compute capabilities like '8.0;9.0', got {archs!r}")
-    flags = [f"-gencode=arch=compute_{c},code=sm_{c}" for c in caps]
-    newest = max(caps, key=int)
-    flags.append(f"-gencode=arch=compute_{newest},code=compute_{newest}")
-    return flags
+def _parse_archs(name, value):
+    """Compute capabilities from REVDEQ_CUDA_ARCHS or TORCH_CUDA_ARCH_LIST ("8.0;9.0", "8.0 9.0+PTX"):
+    (caps like "90", whether PTX was asked for explicitly)."""
+    caps, ptx = [], False
+    for item in re.split(r"[;,\s]+", value.strip()):
+        if not item:
+            continue
+        if item.endswith("+PTX"):
+            ptx, item = True, item[:-4]
+        if not re.fullmatch(r"\d+\.\d+[af]?|\d+", item):
+            raise SystemExit(f"{name} must list compute capabilities like '8.0;9.0' (optionally '+PTX'), got {value!r}")
+        caps.append(item.replace(".", ""))
+    if not caps:
+        raise SystemExit(f"{name} is set but lists no compute capability: {value!r}")
+    return caps, ptx
+
+
+def nvcc_archs(nvcc):
+    """The compute capabilities the given nvcc can target ("90", ...), or None when it cannot say."""
+    if os.environ.get("REVDEQ_NVCC_ARCHS") is not None:  # tests and cross builds: what nvcc would answer
+        return set(os.environ["REVDEQ_NVCC_ARCHS"].replace(".", "").split(";"))
+    if nvcc is None:
+        return None
+    try:
+        out = subprocess.run([nvcc, "--list-gpu-arch"], capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    found = set(re.findall(r"compute_(\d+)", out))
+    return found or None
+
+
+def cuda_arch_plan(environ, supported):
+    """{"source", "archs", "ptx", "gencode"}: what to compile for, from the environment and the compute
+    capabilities nvcc supports (None: unknown, then only the base archs are defaulted)."""
+    for name in ("REVDEQ_CUDA_ARCHS", "TORCH_CUDA_ARCH_LIST"):
+        if environ.get(name, "").strip():
+            caps, _ = _parse_archs(name, environ[name])
+            source = name
+            break
+    else:
+        caps = [a.replace(".", "") for a in BASE_CUDA_ARCHS]
+        caps += [a.replace(".", "") for a in OPTIONAL_CUDA_ARCHS if supported and a.replace(".", "") in supported]
+        source = "default" + ("" if supported else " (nvcc did not list its archs: base archs only)")
+    newest = max(caps, key=lambda c: int(re.match(r"\d+", c).group()))
+    gencode = [f"-gencode=arch=compute_{c},code=sm_{c}" for c in caps]
+    gencode.append(f"-gencode=arch=compute_{newest},code=compute_{newest}")  # PTX: later GPUs JIT it
+    return {"source": source, "archs": caps, "ptx": newest, "gencode": gencode}
+
+
+def _find_nvcc(cpp_extension=None):
+    home = cpp_extension.CUDA_HOME if cpp_extension is not None else os.environ.get("CUDA_HOME")
+    if home and os.path.exists(os.path.join(home, "bin", "nvcc")):
+        return os.path.join(home, "bin", "nvcc")
+    return shutil.which("nvcc")
 
 
 def _cuda_decision(torch, cpp_extension, cuda_sources):
@@ -89,8 +147,9 @@ def _extensions():
     cxx_flags = ["-O3", "-fvisibility=hidden"]
     include_dirs = [os.path.join(ROOT, "csrc")]
     if build_cuda:
-        archs = os.environ.get("REVDEQ_CUDA_ARCHS", DEFAULT_CUDA_ARCHS)
-        nvcc_flags = ["-O3", "-lineinfo", "-DREVDEQ_WITH_CUDA"] + _gencode_flags(archs)
+        plan = cuda_arch_plan(os.environ, nvcc_archs(_find_nvcc(cpp_extension)))
+        archs = ", ".join(f"sm_{c}" for c in plan["archs"]) + f" + PTX {plan['ptx']} ({plan['source']})"
+        nvcc_flags = ["-O3", "-lineinfo", "-DREVDEQ_WITH_CUDA"] + plan["gencode"]
         ext = cpp_extension.CUDAExtension(
             "revdeq_kernels._C",
             cpu_sources + cuda_sources,
@@ -111,5 +170,9 @@ def _extensions():
     return [ext], {"build_ext": build_ext}
 
 
+if _env_flag("REVDEQ_PRINT_CUDA_ARCHS"):
+    print(json.dumps(cuda_arch_plan(os.environ, nvcc_archs(_find_nvcc()))))
+    sys.exit(0)
+_say(f"MAX_JOBS={os.environ['MAX_JOBS']}" if os.environ.get("MAX_JOBS") else "MAX_JOBS not set: ninja uses every core")
 ext_modules, cmdclass = _extensions()
 setup(ext_modules=ext_modules, cmdclass=cmdclass)
