@@ -44,12 +44,15 @@ test: install
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # The main job, a few minutes on 2 CPU cores: the reversible gradient against autograd (float64), a
-# RevDEQ trained on scikit-learn's digits (fails below 95% test accuracy; history and plot in
-# runs/digits/), then the quick op benchmark and its table.
+# RevDEQ trained on scikit-learn's digits (fails below 95% test accuracy), the quick benchmarks and
+# their tables, then a short summary of all of it. Everything it writes goes to runs/demo/.
+DEMO := runs/demo
 demo: install
-	$(PY) examples/grad_check.py
-	$(PY) examples/train_digits.py --min-accuracy 0.95
-	$(PY) -m benchmarks --quick
+	mkdir -p $(DEMO)
+	$(PY) examples/grad_check.py --json $(DEMO)/grad_check.json
+	$(PY) examples/train_digits.py --min-accuracy 0.95 --out-dir $(DEMO)
+	$(PY) -m benchmarks --quick --out $(DEMO)
+	$(PY) examples/demo_summary.py $(DEMO)
 
 bench: install
 	$(PY) -m benchmarks --quick

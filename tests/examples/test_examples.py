@@ -49,6 +49,27 @@ def test_train_digits_tiny_run_writes_history_and_plot(tmp_path, capsys):
     assert exit_info.value.code == 1
 
 
+def test_demo_summary_reads_what_the_demo_wrote(tmp_path, capsys):
+    import demo_summary
+    import grad_check
+
+    assert grad_check.main(["--json", str(tmp_path / "grad_check.json")]) == 0
+    with pytest.raises(FileNotFoundError, match=r"no digits.json in .*did that step of the demo run"):
+        demo_summary.main(str(tmp_path))
+    (tmp_path / "digits.json").write_text(json.dumps({"test_accuracy": 0.97, "config": {"epochs": 20},
+                                                      "seconds": 42.0}))
+    # Result files as the quick benchmarks write them (the fields the summary reads, from the committed runs).
+    for name in ("ops-cpu-amd-epyc.json", "memory-cpu-amd-epyc.json"):
+        with open(os.path.join(ROOT, "benchmarks", "results", name)) as fh:
+            (tmp_path / name.replace(".json", "-quick.json")).write_text(fh.read())
+    capsys.readouterr()
+    assert demo_summary.main(str(tmp_path)) == 0
+    out = capsys.readouterr().out
+    assert "gradient check: worst relative error" in out and "(OK, tolerance" in out
+    assert "digits: test accuracy 97.0% after 20 epochs" in out
+    assert "relax_" in out and "naive PyTorch" in out and "saved for backward grows 1.0x" in out
+
+
 def test_swap_into_torchdeq_runs_both_cores(capsys):
     pytest.importorskip("sklearn", reason="the swap example needs scikit-learn")
     pytest.importorskip("torchdeq", reason="the swap example needs torchdeq")
