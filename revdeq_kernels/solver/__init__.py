@@ -15,7 +15,7 @@ from . import loop
 from .function import ReversibleFixedPoint
 from .info import DriftError, SolverInfo
 from .options import SolverOptions
-from .problem import Problem, params_of, state_layout, x_tensors
+from .problem import Problem, check_not_fsdp_sharded, params_of, state_layout, x_tensors
 
 __all__ = ["DriftError", "SolverInfo", "SolverOptions", "reversible_fixed_point", "solve"]
 
@@ -24,6 +24,7 @@ def solve(f, x, *, z0=None, params=None, options: SolverOptions, caller: str = "
     """:func:`reversible_fixed_point` with validated options (RevDEQ calls this with its own)."""
     if not callable(f):
         raise TypeError(f"{caller}: f must be callable as f(z, x), got {type(f).__name__}")
+    check_not_fsdp_sharded(caller, f)
     x_kind, inputs = x_tensors(caller, x)
     layout = state_layout(caller, inputs, z0, options)
     params = params_of(caller, f, params, inputs)

@@ -234,6 +234,33 @@ def check_partial(problem: Problem, out, inputs) -> None:
 # The caller's arguments, normalised (solver/__init__.py builds a Problem from them).
 
 
+def _fsdp_module_type():
+    try:
+        from torch.distributed.fsdp import FSDPModule  # torch >= 2.6, where FSDP2 is public
+    except ImportError:
+        return None
+    return FSDPModule
+
+
+def check_not_fsdp_sharded(caller: str, f) -> None:
+    """Refuse an f sharded with FSDP2 (fully_shard on f or a module inside it).
+
+    The backward re-evaluates f inside the solver's autograd Function and differentiates with respect to
+    the parameters it holds; under FSDP2 those are the sharded DTensors, while the evaluations compute
+    with the unsharded copies FSDP2 swaps in, so every parameter of f would get no gradient."""
+    fsdp_module = _fsdp_module_type()
+    if fsdp_module is None or not isinstance(f, torch.nn.Module):
+        return
+    sharded = [name or "f itself" for name, m in f.named_modules() if isinstance(m, fsdp_module)]
+    if sharded:
+        raise NotImplementedError(
+            f"{caller}: f is sharded with FSDP2 (fully_shard on {', '.join(sharded[:3])}"
+            f"{', ...' if len(sharded) > 3 else ''}); the reversible backward re-evaluates f inside its own "
+            "backward, where FSDP2's sharded parameters would silently get no gradient. Shard the modules around "
+            "the RevDEQ instead (fully_shard on the model that contains it gives the single-process gradients), "
+            "or use DistributedDataParallel")
+
+
 def x_tensors(caller: str, x):
     """(kind, tensors) for x: one tensor, or a tuple/list of tensors."""
     if isinstance(x, torch.Tensor):
