@@ -25,20 +25,27 @@ from ``torchdeq.add_deq_args`` carry every option):
 option                                      with ``core="revdeq"``
 ==========================================  ========================================================
 ``f_max_iter``                              the budget of ``f`` evaluations, as in torchdeq: at most
-                                            ``max(1, f_max_iter // 2)`` RevDEQ steps (two each)
+                                            ``max(1, f_max_iter // 2)`` RevDEQ steps (two each);
+                                            ``0`` (also per call in ``solver_kwargs``): torchdeq
+                                            runs no solver iterations, then ``grad`` unrolled steps
+                                            with gradient, so the reversible iteration spends that
+                                            budget: ``max(1, grad // 2)`` steps
 ``f_tol``                                   stop once ``||z - f(z)|| / ||f(z)||`` over the whole
                                             batch is ``<= f_tol``; ``None`` runs every step with no
                                             host synchronisation
 ``f_solver``                                ``"fixed_point_iter"`` (default): the reversible
                                             iteration; ``"simple_fixed_point_iter"``: the same with
                                             ``f_tol`` ignored (every step, no sync, as torchdeq);
-                                            ``"anderson"``, ``"broyden"``, others: ValueError
-``f_stop_mode``                             ``"rel"``: as above; ``"abs"``: warning, read as ``"rel"``;
-                                            others: ValueError
+                                            ``"anderson"``, ``"broyden"``: replaced by the reversible
+                                            iteration, with a warning naming it; others: ValueError
+``f_stop_mode``                             ``"abs"`` (torchdeq's default): stop once ``||z - f(z)||``
+                                            over the whole batch is ``<= f_tol`` (so is every
+                                            sample's); ``"rel"``: the same relative to ``||f(z)||``
 ``eval_factor``, ``eval_f_max_iter``        as torchdeq: the evaluation budget in ``eval()`` mode
 ``n_states`` > 1, ``indexing``              ValueError: one state is returned (no fixed-point
                                             correction terms)
-``ift``, ``hook_ift``, ``grad``, ``tau``,   warning when not torchdeq's default: the gradient is the
+``grad``                                    the budget when ``f_max_iter`` is 0 (above); else unused
+``ift``, ``hook_ift``, ``tau``,             warning when not torchdeq's default: the gradient is the
 ``sup_gap``, ``sup_loc``                    exact reversible backward, not IFT or phantom gradients
 ``b_solver``, ``b_max_iter``, ``b_tol``,    warning when not torchdeq's default: no backward solver
 ``b_stop_mode``                             runs
@@ -84,12 +91,16 @@ CALLER = "RevDEQCore"
 # Not RevDEQ's 0.8: torchdeq's default budget is 20 steps, too many for beta 0.8 (module docstring).
 DEFAULT_BETA = 0.5
 FIXED_POINT_SOLVERS = ("fixed_point_iter", "simple_fixed_point_iter")
+# torchdeq's other forward solvers: a config that names one switches to RevDEQ's iteration with a warning.
+REPLACED_SOLVERS = ("anderson", "broyden")
+# Keyword arguments torchdeq's cores accept for logging and ignore themselves: quiet here too.
+LOGGING_KWARGS = ("writer",)
 STATE_DTYPE_NAMES = {"float64": torch.float64, "float32": torch.float32}
 
 # torchdeq options that choose a gradient method or configure a backward solver, with torchdeq's defaults.
 # The reversible backward is exact and needs neither, so a value other than the default earns a warning.
 GRADIENT_OPTIONS = {
-    "ift": False, "hook_ift": False, "grad": 1, "tau": 1.0, "sup_gap": -1, "sup_loc": (),
+    "ift": False, "hook_ift": False, "tau": 1.0, "sup_gap": -1, "sup_loc": (),
     "b_solver": "fixed_point_iter", "b_max_iter": 40, "b_tol": 1e-6, "b_stop_mode": "abs",
 }
 # torchdeq options that ask for more than one returned state, with their defaults.
@@ -99,7 +110,7 @@ SOLVER_KWARGS = ("f_max_iter", "return_final")
 # from the config under these names.
 REVDEQ_OPTIONS = {name: ("revdeq_backend" if name == "backend" else name)
                   for name in inspect.signature(SolverOptions.make).parameters
-                  if name not in ("caller", "max_steps", "tol")}
+                  if name not in ("caller", "max_steps", "tol", "stop_mode")}
 
 
 class TorchDEQOptionWarning(UserWarning):
@@ -114,11 +125,19 @@ def _is_default(value, default) -> bool:
     return value == default
 
 
-def _nfe(name: str, value) -> int:
-    """A budget of f evaluations as an int >= 1."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value >= 1 or not math.isfinite(value):
-        raise ValueError(f"{CALLER}: {name} must be a finite number of f evaluations >= 1, got {value!r}")
+def _nfe(name: str, value, allow_zero: bool = False) -> int:
+    """A budget of f evaluations as an int >= 1 (or 0 where torchdeq allows it: no solver iterations)."""
+    low = 0 if allow_zero else 1
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value >= low or not math.isfinite(value):
+        raise ValueError(f"{CALLER}: {name} must be a finite number of f evaluations >= {low}, got {value!r}")
     return int(value)
+
+
+def _grad_nfe(value) -> int:
+    """torchdeq's ``grad`` (an int, or a list from argparse's nargs="+"): the unrolled steps with gradient
+    its recipes run after the solver, i.e. the evaluations of f they budget when f_max_iter is 0."""
+    steps = max(value) if isinstance(value, (list, tuple)) and value else value
+    return _nfe("grad", steps)
 
 
 def steps_for(nfe: int) -> int:
@@ -138,18 +157,18 @@ def _state_dtype(value) -> torch.dtype:
 def check_config(config: DEQConfig) -> None:
     """Refuse or warn about the torchdeq options ``core="revdeq"`` cannot honour (see the module docstring)."""
     f_solver = config.get("f_solver", "fixed_point_iter")
-    if f_solver not in FIXED_POINT_SOLVERS:
-        raise ValueError(
-            f"{CALLER}: f_solver={f_solver!r} is not supported: the reversible backward needs RevDEQ's own "
-            f"fixed-point iteration; use f_solver='fixed_point_iter' (or 'simple_fixed_point_iter'), or keep "
-            "torchdeq's core='sliced'/'indexing' for this solver")
-    stop_mode = config.get("f_stop_mode", None)
-    if stop_mode == "abs":
+    if f_solver in REPLACED_SOLVERS:
         warnings.warn(
-            f"{CALLER}: f_stop_mode='abs' is read as 'rel': the revdeq core stops once ||z - f(z)|| / ||f(z)|| over "
-            f"the whole batch is <= f_tol={config.get('f_tol', 1e-3)!r}", TorchDEQOptionWarning, stacklevel=3)
-    elif stop_mode not in (None, "rel"):
-        raise ValueError(f"{CALLER}: f_stop_mode must be 'rel' or 'abs' (read as 'rel'), got {stop_mode!r}")
+            f"{CALLER}: f_solver={f_solver!r} is replaced by RevDEQ's reversible fixed-point iteration (its exact "
+            "reversible backward needs its own iteration); the budget f_max_iter and f_tol apply to it",
+            TorchDEQOptionWarning, stacklevel=3)
+    elif f_solver not in FIXED_POINT_SOLVERS:
+        raise ValueError(
+            f"{CALLER}: f_solver={f_solver!r} is not a torchdeq solver the revdeq core knows; use "
+            f"'fixed_point_iter' (or 'simple_fixed_point_iter'; 'anderson' and 'broyden' are replaced by it)")
+    stop_mode = config.get("f_stop_mode", "abs")
+    if stop_mode not in ("rel", "abs"):
+        raise ValueError(f"{CALLER}: f_stop_mode must be 'rel' or 'abs', got {stop_mode!r}")
     for name, default in STATE_SAMPLING_OPTIONS.items():
         value = config.get(name, default)
         if not _is_default(value, default):
@@ -279,10 +298,12 @@ class RevDEQCore(DEQBase):
         config = DEQConfig(args)
         config.update(**kwargs)
         check_config(config)
-        _nfe("f_max_iter", config.get("f_max_iter", 40))  # before torchdeq computes the eval budget from it
+        _nfe("f_max_iter", config.get("f_max_iter", 40), allow_zero=True)  # before torchdeq derives the eval budget
         super().__init__(config)
         self.f_max_iter = int(self.f_max_iter)
-        self.eval_f_max_iter = _nfe("eval_f_max_iter (else f_max_iter * eval_factor)", self.eval_f_max_iter)
+        self.eval_f_max_iter = _nfe("eval_f_max_iter (else f_max_iter * eval_factor)", self.eval_f_max_iter,
+                                    allow_zero=True)
+        self.grad_nfe = _grad_nfe(self.args.get("grad", 1))
         self.fixed_steps = self.args.get("f_solver", "fixed_point_iter") == "simple_fixed_point_iter"
         missing = object()
         given = {name: self.args.get(key, missing) for name, key in REVDEQ_OPTIONS.items()}
@@ -293,8 +314,11 @@ class RevDEQCore(DEQBase):
         self._options(self.f_max_iter)  # validate now, not at the first call
 
     def _options(self, nfe: int) -> SolverOptions:
+        # f_max_iter=0 (torchdeq: no solver iterations, then `grad` unrolled steps with gradient, as the DEQ
+        # transformer LM trains and deq-inr warm-starts): the reversible iteration spends that budget.
         tol = None if self.fixed_steps else self.f_tol
-        return SolverOptions.make(CALLER, max_steps=steps_for(nfe), tol=tol, **self.revdeq_kwargs)
+        return SolverOptions.make(CALLER, max_steps=steps_for(nfe if nfe > 0 else self.grad_nfe), tol=tol,
+                                  stop_mode=self.f_stop_mode, **self.revdeq_kwargs)
 
     def _budget(self, solver_kwargs) -> int:
         nfe = self.f_max_iter if self.training else self.eval_f_max_iter
@@ -310,13 +334,14 @@ class RevDEQCore(DEQBase):
         if not solver_kwargs.get("return_final", True):
             warnings.warn(f"{CALLER}: solver_kwargs return_final=False has no effect: the revdeq core returns the "
                           "last state, whose gradient it computes exactly", TorchDEQOptionWarning, stacklevel=3)
-        return _nfe("solver_kwargs['f_max_iter']", solver_kwargs.get("f_max_iter", nfe))
+        return _nfe("solver_kwargs['f_max_iter']", solver_kwargs.get("f_max_iter", nfe), allow_zero=True)
 
     def forward(self, func, z_init, solver_kwargs=None, sradius_mode=False, backward_writer=None, params=None,
                 **kwargs):
         """``([z], info)`` with ``z = func(z)`` solved by the reversible iteration; see the class docstring."""
-        if kwargs:
-            warnings.warn(f"{CALLER}: keyword arguments {sorted(kwargs)} have no effect", TorchDEQOptionWarning,
+        unused = sorted(set(kwargs) - set(LOGGING_KWARGS))
+        if unused:
+            warnings.warn(f"{CALLER}: keyword arguments {unused} have no effect", TorchDEQOptionWarning,
                           stacklevel=2)
         if not callable(func):
             raise TypeError(f"{CALLER}: func must be callable as func(z), got {type(func).__name__}")

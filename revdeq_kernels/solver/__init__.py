@@ -48,7 +48,8 @@ def solve(f, x, *, z0=None, params=None, options: SolverOptions, caller: str = "
 
 
 def reversible_fixed_point(f, x, *, z0=None, beta=0.8, max_steps=30, tol=1e-3, params=None, check_every=1,
-                           state_dtype=torch.float64, max_drift=None, backend=None, exact=False, frac_bits=None):
+                           state_dtype=torch.float64, max_drift=None, backend=None, exact=False, frac_bits=None,
+                           stop_mode="rel"):
     """Solve ``z = f(z, x)`` with the reversible RevDEQ iteration; exact gradients in O(1) memory.
 
     Runs ``y = (1-beta) y + beta f(z, x); z = (1-beta) z + beta f(y, x)`` from ``y = z = z0`` until
@@ -76,6 +77,9 @@ def reversible_fixed_point(f, x, *, z0=None, beta=0.8, max_steps=30, tol=1e-3, p
             ``f`` is an ``nn.Module``. A closure passes the tensors it uses; a closure that hides a
             tensor requiring grad gets a clear error instead of a silently missing gradient.
         check_every: with a ``tol``, read the residual back (one sync) every this many steps.
+        stop_mode: ``"rel"`` (default) stops on the relative residual above; ``"abs"`` once
+            ``||z - f(z)|| <= tol``, the norm over the whole state (every sample's own norm is then below
+            ``tol`` too: torchdeq's ``f_stop_mode="abs"``, met conservatively).
         state_dtype: ``torch.float64`` (default; gradients stay exact for far more steps) or
             ``torch.float32`` (faster, drifts after 8-16 steps). It must hold the compute dtype. In
             exact mode it is the dtype of the adjoint states (the backward's ``beta * dL/dz``).
@@ -172,5 +176,5 @@ def reversible_fixed_point(f, x, *, z0=None, beta=0.8, max_steps=30, tol=1e-3, p
     """
     options = SolverOptions.make("reversible_fixed_point", beta=beta, max_steps=max_steps, tol=tol,
                                  check_every=check_every, state_dtype=state_dtype, max_drift=max_drift,
-                                 backend=backend, exact=exact, frac_bits=frac_bits)
+                                 backend=backend, exact=exact, frac_bits=frac_bits, stop_mode=stop_mode)
     return solve(f, x, z0=z0, params=params, options=options)

@@ -121,6 +121,7 @@ class SolverInfo(Mapping):
         self._history = None  # (max_steps + 1, 2): [||z - f(z)||^2, ||f(z)||^2] after each step
         self._read_rows = 0  # history rows already checked on the host
         self._residual = None
+        self._abs_residual = None  # ||z - f(z)|| of the last history row read
         self._trace = []  # relative residual of each history row read so far
         self._diagnostics = {}  # key -> value or zero-argument callable, in the order attached
         self._backward = None  # (steps + 1, 4): NaN-propagating evidence per backward step, drift last
@@ -184,9 +185,10 @@ class SolverInfo(Mapping):
         self._residual = None
         self._trace = []
 
-    def read_forward_rows(self, last: int) -> float:
+    def read_forward_rows(self, last: int, stop_mode: str = "rel") -> float:
         """Read the history rows not yet read, up to ``last`` (one sync), raise at the first non-finite
-        one, and return the relative residual after step ``last``."""
+        one, and return the residual after step ``last``: relative (``||z - f(z)|| / ||f(z)||``) or, with
+        ``stop_mode="abs"``, absolute (``||z - f(z)||`` over the whole state)."""
         if last >= self._read_rows:
             rows = _with_status(self._history, self._status, self._read_rows, last + 1)
             for i, row in enumerate(rows):
@@ -201,7 +203,8 @@ class SolverInfo(Mapping):
             self._read_rows = last + 1
             self._trace.extend(_relative(*row[:2]) for row in rows)
             self._residual = self._trace[-1]
-        return self._residual
+            self._abs_residual = math.sqrt(max(rows[-1][0], 0.0))
+        return self._abs_residual if stop_mode == "abs" else self._residual
 
     def residual_history(self) -> torch.Tensor | None:
         """The forward's evidence as a device tensor, without a host sync: shape ``(steps + 1, 2)``, row ``n``

@@ -153,7 +153,7 @@ def forward(problem: Problem, info: SolverInfo, x, x_tensors, z0, declared=None,
         if o.tol is not None and problem.device.type == "meta":
             break  # shape inference (meta tensors hold no values): one step shows f every shape it will see
         if o.tol is not None and (n % o.check_every == 0 or n == o.max_steps):
-            if info.read_forward_rows(n) <= o.tol:
+            if info.read_forward_rows(n, o.stop_mode) <= o.tol:
                 break
     tape.finish()
     if last_fy is not None:  # summarised once, after the loop: no reductions per step

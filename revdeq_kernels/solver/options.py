@@ -11,6 +11,7 @@ from .. import ops
 from ..ops import checks
 
 STATE_DTYPES = (torch.float64, torch.float32)
+STOP_MODES = ("rel", "abs")
 # Far beyond any solve that could finish (each step evaluates f twice); keeps step counts and the
 # residual history's row indices in int32 range.
 MAX_STEPS = 2**31 - 1
@@ -34,11 +35,12 @@ class SolverOptions:
     exact: bool = False
     frac_bits: int | None = None  # exact mode only
     dyadic_beta: fixed_format.DyadicBeta | None = None  # exact mode only
+    stop_mode: str = "rel"  # "rel": ||z - f(z)|| / ||f(z)|| <= tol; "abs": ||z - f(z)|| <= tol
 
     @classmethod
     def make(cls, caller: str, *, beta=0.8, max_steps=30, tol=1e-3, check_every=1,
              state_dtype=torch.float64, max_drift=None, backend=None, exact=False,
-             frac_bits=None) -> "SolverOptions":
+             frac_bits=None, stop_mode="rel") -> "SolverOptions":
         if not isinstance(exact, bool):
             raise TypeError(f"{caller}: exact must be True or False, got {type(exact).__name__}")
         dyadic = None
@@ -64,7 +66,10 @@ class SolverOptions:
             raise TypeError(f"{caller}: state_dtype must be torch.float64 or torch.float32, got {state_dtype!r} "
                             "(half-precision states lose everything to the inverse's rounding amplification)")
         ops.check_backend_name(caller, backend)
-        return cls(beta, max_steps, tol, check_every, state_dtype, max_drift, backend, exact, frac_bits, dyadic)
+        if stop_mode not in STOP_MODES:
+            raise ValueError(f"{caller}: stop_mode must be 'rel' or 'abs', got {stop_mode!r}")
+        return cls(beta, max_steps, tol, check_every, state_dtype, max_drift, backend, exact, frac_bits, dyadic,
+                   stop_mode)
 
 
 def _dyadic_beta(caller, beta) -> fixed_format.DyadicBeta:

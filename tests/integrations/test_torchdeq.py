@@ -233,12 +233,12 @@ def test_the_same_script_runs_with_torchdeqs_default_core_and_revdeq():
 
 # (config, exception, regex): options that would change what is computed are refused by name.
 REFUSED = [
-    (dict(f_solver="anderson"), ValueError, r"RevDEQCore: f_solver='anderson' is not supported"),
-    (dict(f_solver="broyden"), ValueError, r"f_solver='broyden' is not supported.*core='sliced'"),
+    (dict(f_solver="newton"), ValueError, r"RevDEQCore: f_solver='newton' is not a torchdeq solver"),
     (dict(n_states=2), ValueError, r"RevDEQCore: n_states=2 is not supported: the revdeq core returns one state"),
     (dict(indexing=[2, 4]), ValueError, r"RevDEQCore: indexing=\[2, 4\] is not supported"),
-    (dict(f_stop_mode="max"), ValueError, r"f_stop_mode must be 'rel' or 'abs' \(read as 'rel'\), got 'max'"),
-    (dict(f_max_iter=0), ValueError, r"RevDEQCore: f_max_iter must be a finite number of f evaluations >= 1, got 0"),
+    (dict(f_stop_mode="max"), ValueError, r"f_stop_mode must be 'rel' or 'abs', got 'max'"),
+    (dict(f_max_iter=-1), ValueError, r"RevDEQCore: f_max_iter must be a finite number of f evaluations >= 0, got -1"),
+    (dict(f_max_iter=0, grad=0), ValueError, r"RevDEQCore: grad must be a finite number of f evaluations >= 1"),
     (dict(f_max_iter=float("inf")), ValueError, r"RevDEQCore: f_max_iter must be a finite number .*got inf"),
     (dict(beta=1.0), ValueError, r"RevDEQCore: beta must be a finite number in \(0, 2\) other than 1"),
     (dict(state_dtype="float16"), ValueError, r"state_dtype must be torch.float64, torch.float32, 'float64' or"),
@@ -256,10 +256,11 @@ def test_options_without_meaning_are_refused_by_name(config, exc, match):
 WARNED = [
     (dict(ift=True), r"ift=True has no effect: the revdeq core's gradient is the exact reversal"),
     (dict(hook_ift=True, b_max_iter=10), r"hook_ift=True, b_max_iter=10 have no effect"),
-    (dict(grad=[3], tau=0.5), r"grad=\[3\], tau=0.5 have no effect"),
+    (dict(ift=True, tau=0.5), r"ift=True, tau=0.5 have no effect"),
     (dict(b_solver="anderson", b_tol=1e-8, b_stop_mode="rel"), r"b_solver='anderson', b_tol=1e-08, b_stop_mode"),
     (dict(sup_gap=2, sup_loc=[1]), r"sup_gap=2, sup_loc=\[1\] have no effect"),
-    (dict(f_stop_mode="abs", f_tol=1e-5), r"f_stop_mode='abs' is read as 'rel'.* <= f_tol=1e-05"),
+    (dict(f_solver="anderson"), r"f_solver='anderson' is replaced by RevDEQ's reversible fixed-point iteration"),
+    (dict(f_solver="broyden"), r"f_solver='broyden' is replaced"),
 ]
 
 
@@ -269,18 +270,38 @@ def test_options_without_effect_are_warned_about_by_name(config, match):
         get_deq(core="revdeq", **config)
 
 
-def test_torchdeq_argparse_defaults_warn_only_about_the_stop_mode():
+def test_torchdeq_argparse_defaults_are_quiet_and_honoured():
+    # Every option at torchdeq's default, as add_deq_args gives them: no warning at all.
     parser = argparse.ArgumentParser()
     torchdeq.add_deq_args(parser)
     args = parser.parse_args(["--core", "revdeq", "--f_max_iter", "12"])
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        deq = get_deq(args)
-    assert len(caught) == 1 and "f_stop_mode='abs' is read as 'rel'" in str(caught[0].message)
-    assert isinstance(deq, revdeq_torchdeq.RevDEQCore) and deq.f_max_iter == 12
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        get_deq(core="revdeq", f_stop_mode="rel", ift=False, grad=[1], n_states=1, indexing=[])  # all defaults
+        deq = get_deq(args)
+        get_deq(core="revdeq", f_stop_mode="abs", ift=False, grad=[1], n_states=1, indexing=[])  # all defaults
+        x = randn(3, 6, seed=1)
+        z_out, info = deq(lambda z: torch.tanh(0.5 * z + x), torch.zeros_like(x), writer=None)  # logging kwarg
+    assert isinstance(deq, revdeq_torchdeq.RevDEQCore) and deq.f_max_iter == 12
+    assert info.solver_info._options.stop_mode == "abs"  # torchdeq's default stop mode, honoured
+
+
+@pytest.mark.parametrize("mode", ["abs", "rel"])
+def test_f_stop_mode_stops_on_the_residual_it_names(mode):
+    # Values of order 10: the absolute and relative residuals differ by that much.
+    x = 10.0 * randn(3, 6, seed=1)
+    deq = get_deq(core="revdeq", f_max_iter=200, f_tol=1e-4, f_stop_mode=mode)
+    z_out, info = deq(lambda z: 0.5 * torch.tanh(z) + x, torch.zeros_like(x))
+    z = z_out[-1]
+    fz = 0.5 * torch.tanh(z) + x
+    absolute, relative = (z - fz).norm().item(), ((z - fz).norm() / fz.norm()).item()
+    steps = info.solver_info["steps"]
+    assert (absolute if mode == "abs" else relative) <= 1e-4
+    if mode == "rel":
+        assert absolute > 1e-4  # it stopped before the absolute criterion was met
+    # ... and not later than needed: one step fewer had not met it.
+    history = info.solver_info.residual_history()[steps - 1].tolist()
+    before = history[0] ** 0.5 if mode == "abs" else (history[0] / history[1]) ** 0.5
+    assert before > 1e-4
 
 
 def test_revdeq_options_come_from_the_config_and_a_distributed_backend_is_not_ours():
@@ -311,8 +332,8 @@ def test_per_call_arguments_without_meaning_are_refused_or_warned():
         deq(func, z0, solver_kwargs={"tau": 0.5})
     with pytest.warns(TorchDEQOptionWarning, match=r"return_final=False has no effect"):
         deq(func, z0, solver_kwargs={"return_final": False})
-    with pytest.warns(TorchDEQOptionWarning, match=r"keyword arguments \['writer'\] have no effect"):
-        deq(func, z0, writer=None)
+    with pytest.warns(TorchDEQOptionWarning, match=r"keyword arguments \['verbose'\] have no effect"):
+        deq(func, z0, writer=None, verbose=True)  # writer, torchdeq's logging argument, is quiet
     with pytest.raises(TypeError, match=r"RevDEQCore: z_init must be a floating tensor, got dtype torch.int64"):
         deq(func, torch.zeros(3, 6, dtype=torch.int64))
     with pytest.raises(TypeError, match=r"RevDEQCore: func must be callable"):
@@ -374,3 +395,57 @@ def test_a_bad_z_init_or_func_names_the_core_and_what_it_passed(name, make, z_in
         deq(make(lin), z_init)
     notes = " ".join(getattr(caught.value, "__notes__", []))
     assert "RevDEQCore: raised by func on its first call" in notes and re.search(says, notes), notes
+
+
+def test_f_max_iter_0_with_grad_steps_spends_the_gradient_budget_and_matches_autograd():
+    # The DEQ transformer LM's recipe: no solver iterations (f_max_iter=0), then grad=12 unrolled steps
+    # with gradient. The revdeq core runs 12 evaluations' worth of reversible steps (6) instead.
+    lin = torch.nn.Linear(6, 6, dtype=torch.float64)
+    x = randn(3, 6, seed=1, requires_grad=True)
+    z_init = randn(3, 6, seed=2)
+    deq = get_deq(core="revdeq", f_max_iter=0, grad=12, f_tol=None, beta=0.5)
+
+    def func(z):
+        return torch.tanh(0.5 * lin(z) + x)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # grad is meaningful here: no "has no effect" warning
+        z_out, info = deq(func, z_init)
+    assert info.solver_info["steps"] == 6 and info["nstep"][0].item() == 12
+    params = [x, *lin.parameters()]
+    got = torch.autograd.grad(z_out[-1].square().sum(), params)
+    want = torch.autograd.grad(unrolled(lambda z, _: func(z), None, z_init, 0.5, 6).square().sum(), params)
+    assert_grads_close(got, want, 1e-9, ["x", "weight", "bias"])
+
+
+def test_a_warm_started_inr_loop_with_solver_kwargs_f_max_iter_0_trains():
+    # deq-inr's loop: the first iteration solves from zeros, every later one warm-starts from the previous
+    # state with solver_kwargs={'f_max_iter': 0}; that used to fail on the second iteration.
+    torch.manual_seed(0)
+    coords = torch.rand(64, 2, dtype=torch.float64) * 2 - 1
+    target = torch.sin(3 * coords[:, :1]) * torch.cos(2 * coords[:, 1:])
+    inject = torch.nn.Linear(2, 16, dtype=torch.float64)
+    layer = torch.nn.Linear(16, 16, dtype=torch.float64)
+    head = torch.nn.Linear(16, 1, dtype=torch.float64)
+    deq = get_deq(core="revdeq", f_max_iter=16, f_tol=1e-6)
+    opt = torch.optim.Adam([*inject.parameters(), *layer.parameters(), *head.parameters()], lr=1e-2)
+    z_prev, losses, steps = None, [], []
+    for _ in range(12):
+        u = inject(coords)
+
+        def func(z):  # a closure over this iteration's injection, used within the iteration
+            return torch.sin(0.5 * layer(z) + u)  # noqa: B023
+
+        solver_kwargs = None if z_prev is None else {"f_max_iter": 0}
+        z_init = torch.zeros(64, 16, dtype=torch.float64) if z_prev is None else z_prev
+        z_out, info = deq(func, z_init, solver_kwargs=solver_kwargs)
+        loss = (head(z_out[-1]) - target).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        z_prev = z_out[-1].detach()
+        losses.append(loss.item())
+        steps.append(info.solver_info["steps"])
+    assert steps[0] > 1 and steps[1:] == [1] * 11  # warm starts: the gradient budget (grad=1), one step
+    assert losses[-1] < 0.5 * losses[0], losses
+    assert inject.weight.grad is not None and inject.weight.grad.abs().sum() > 0  # reached through the closure

@@ -369,3 +369,11 @@ def test_jacobian_penalty_on_meta_says_to_pass_no_generator():
                                          r"which torch makes no generator; pass generator=None"):
         rk.jacobian_penalty(lambda z, x: torch.tanh(z + x), z, torch.empty(3, 6, device="meta"),
                             generator=torch.Generator())
+
+
+def test_stop_mode_is_checked_by_name():
+    with pytest.raises(ValueError, match=r"reversible_fixed_point: stop_mode must be 'rel' or 'abs', got 'max'"):
+        rfp(TanhCell(), randn(3, 6), stop_mode="max")
+    z, info = rfp(TanhCell(), 10.0 * randn(3, 6, seed=1), stop_mode="abs", tol=1e-6, max_steps=200, beta=0.5)
+    fz = TanhCell()(z, 10.0 * randn(3, 6, seed=1))
+    assert (z - fz).norm().item() <= 1e-6 * 1.01
