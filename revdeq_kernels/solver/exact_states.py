@@ -195,6 +195,8 @@ class FixedStates:
         layout = self.layout
         return layout.join([m.detach().requires_grad_() for m in layout.split(self.show(which))])
 
+    recomputes_first_step = False  # every state is reconstructed bit for bit: nothing to recompute
+
     def show_start_for_grad(self, start):
         """The start as f saw it in the forward: z's reconstruction, which is bit-exact in exact mode."""
         return self.show_for_grad("z")

@@ -324,9 +324,11 @@ class SolverInfo(Mapping):
                 warnings.warn(
                     f"{self._caller}: f returned a different value in the backward than in the forward for the same "
                     f"final state (relative change >= {changed:.3e}): f changed between forward and backward (it "
-                    "reads global state, its parameters or buffers were modified in place, or its kernels are "
-                    "nondeterministic), so the gradient is not that of the function the forward solved. Run "
-                    f"backward before changing what f depends on{note}", RuntimeWarning, stacklevel=4)
+                    "reads global state, its parameters or buffers were modified in place, e.g. by torch's "
+                    "spectral_norm parametrization, which runs a power iteration at every call in training mode, "
+                    "or its kernels are nondeterministic), so the gradient is not that of the function the "
+                    "forward solved. Keep what f depends on fixed until backward has run (torchdeq.norm's "
+                    f"spectral norm updates only in reset_norm){note}", RuntimeWarning, stacklevel=4)
         elif reconstruction > max(F_MISMATCH_WARN_BOUND, F_MISMATCH_DRIFT_RATIO * self._drift):
             note = _rate_limited("f_mismatch")
             if note is not None:

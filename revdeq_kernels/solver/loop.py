@@ -290,8 +290,20 @@ def backward(problem: Problem, info: SolverInfo, states: FloatStates | FixedStat
     with tape.forked(), _buffers_restored(problem.f), torch.enable_grad():
         for n in range(steps, 0, -1):
             where = f"backward pass, step {n}"
+            # Float states recompute step 1 forward from the true start instead of using its reconstruction:
+            # a start like z0 = 0 puts f's ReLUs exactly on their kinks, and parts of y[1] may stay exactly 0
+            # (a multiscale branch the others have not reached yet); a reconstruction error of 1e-16 there
+            # flips derivatives between 0 and 1 (gradients 20x off at a drift of 1e-8). The price: f(z0)'s
+            # graph is alive while f(y[1]) is differentiated. (Exact mode reconstructs every bit anyway.)
+            first = n == 1 and states.recomputes_first_step
+            if first:
+                tape.replay(0)
+                z_in = states.show_start_for_grad(z0)
+                fz = problem.evaluate(z_in, x, where)
+                y_in = states.first_y_for_grad(z0, fz)
+            else:
+                y_in = states.show_for_grad("y")
             tape.replay(2 * n - 1)
-            y_in = states.show_for_grad("y")
             fy = problem.evaluate(y_in, x, where)
             if n == steps:
                 if last_fy is not None:  # y[steps] is the forward's own state: f must return what it did then
@@ -305,13 +317,11 @@ def backward(problem: Problem, info: SolverInfo, states: FloatStates | FixedStat
             ops.relax_(hy_members, a, beta, backend=o.backend)
             del a
 
-            tape.replay(2 * n - 2)
-            # At n = 1 f is differentiated at the start the forward saw, not at its reconstruction: a start
-            # like z0 = 0 puts f's ReLUs exactly on their kinks, where a reconstruction error of 1e-9
-            # flips each derivative between 0 and 1 (gradients 20x off at a drift of 1e-8).
-            z_in = states.show_start_for_grad(z0) if n == 1 else states.show_for_grad("z")
-            fz = problem.evaluate(z_in, x, where)
-            states.unrelax_("y", fz)  # y[n-1]
+            if not first:
+                tape.replay(2 * n - 2)
+                z_in = states.show_for_grad("z")
+                fz = problem.evaluate(z_in, x, where)
+            states.unrelax_("y", fz)  # y[n-1] (at n = 1 only for the drift)
             evidence[n, :2] = states.residual(fz)
             b = _vjp(layout, fz, z_in, hy, sink)
             del fz, z_in

@@ -37,6 +37,7 @@ class FloatStates:
     """
 
     status = None  # float states have no fixed-point status; non-finite values show in the residuals
+    recomputes_first_step = True  # the backward recomputes step 1 from the start (loop.backward says why)
 
     def __init__(self, y, z, layout: StateLayout, beta, backend):
         self.y, self.z = y, z
@@ -86,6 +87,14 @@ class FloatStates:
         :meth:`show_for_grad`; the backward differentiates f there instead of at z's reconstruction."""
         layout = self.layout
         buffer = layout.zeros(self.z.dtype) if start is None else layout.gather(start, self.z.dtype)
+        return layout.join([m.detach().requires_grad_() for m in layout.split(layout.cast(buffer))])
+
+    def first_y_for_grad(self, start, fz):
+        """y[1] = relax_(start, f(start)) exactly as the forward computed it (same op, same inputs, same bits),
+        like :meth:`show_for_grad`; ``fz`` is f at :meth:`show_start_for_grad`'s value."""
+        layout = self.layout
+        buffer = layout.zeros(self.z.dtype) if start is None else layout.gather(start, self.z.dtype)
+        ops.relax_(layout.members(buffer), layout.detach(fz), self.beta, backend=self.backend)
         return layout.join([m.detach().requires_grad_() for m in layout.split(layout.cast(buffer))])
 
     def relax_(self, which: str, f_val) -> None:
