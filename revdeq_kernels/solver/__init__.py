@@ -9,15 +9,32 @@ its outputs and graph), options.py; the state representations states.py (float) 
 (SolverInfo, DriftError). Imports point downward: nothing here is imported by ops/, backends/ or exact/.
 """
 
+import dataclasses
+
 import torch
 
-from . import loop
+from . import exact_states, loop
 from .function import ReversibleFixedPoint
 from .info import DriftError, SolverInfo
 from .options import SolverOptions
 from .problem import Problem, check_not_fsdp_sharded, params_of, state_layout, x_tensors
 
 __all__ = ["DriftError", "SolverInfo", "SolverOptions", "reversible_fixed_point", "solve"]
+
+
+def start_scale(problem: Problem, x, z0) -> float:
+    """max(|z0|, |f(z0)|) over every member, for frac_bits="auto" (one extra evaluation of f, one host read).
+
+    f is evaluated without grad and with the RNG states put back afterwards, so the solve's own evaluations
+    (and any dropout masks they draw) are those it would have had without this one."""
+    layout = problem.layout
+    start = layout.zeros(torch.float64) if z0 is None else layout.gather(z0, torch.float64)
+    devices = [problem.device.index or 0] if problem.device.type == "cuda" else []
+    with torch.no_grad(), torch.random.fork_rng(devices=devices):
+        fz = problem.evaluate(layout.cast(start), x, "forward pass, evaluating f(z0) to choose frac_bits")
+    largest = [start.abs().amax()] if start.numel() else []
+    largest += [t.detach().abs().amax().to(torch.float64) for t in layout.split(fz) if t.numel()]
+    return torch.stack(largest).amax().item() if largest else 0.0
 
 
 def solve(f, x, *, z0=None, params=None, options: SolverOptions, caller: str = "reversible_fixed_point"):
@@ -32,7 +49,14 @@ def solve(f, x, *, z0=None, params=None, options: SolverOptions, caller: str = "
     # on it), may use tensors that require grad but are not among the inputs: they would get no gradient.
     check_closures = torch.is_grad_enabled()
     problem = Problem(caller, f, x_kind, len(inputs), layout, z0 is None, options, check_closures)
+    scale = None
+    if options.auto_frac_bits:
+        scale = start_scale(problem, x, z0)
+        options = dataclasses.replace(options, frac_bits=exact_states.choose_frac_bits(scale))
+        problem.options = options
     info = SolverInfo(caller, options)
+    if scale is not None:
+        info.add_facts({"exact_scale": scale})
     starts = layout.split(z0) if z0 is not None else [None]
     tensors = [*inputs, *params]
     wants_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in [*starts, *tensors])
@@ -90,7 +114,11 @@ def reversible_fixed_point(f, x, *, z0=None, beta=0.8, max_steps=30, tol=1e-3, p
             ``"cpp"``, ``"reference"``).
         exact: exact mode (see below).
         frac_bits: exact mode's fractional bits F, an int in [0, 52]; default
-            ``exact.DEFAULT_FRAC_BITS`` = 32 (range ``|value| <= 2^21``, resolution 2^-32).
+            ``exact.DEFAULT_FRAC_BITS`` = 32 (range ``|value| <= 2^21``, resolution 2^-32). ``"auto"``
+            chooses F per solve from ``M = max(|z0|, |f(z0)|)``: the finest resolution that leaves the
+            values 64x room to grow (``F = 47 - ceil(log2 M)``, in [0, 52]), reported in
+            ``info["frac_bits"]`` with ``info["exact_scale"]`` = M. It costs one more evaluation of f
+            and one host read per solve; small-valued states (1e-3) get F = 52 instead of 32.
 
     Exact mode (``exact=True``): the states are int64 fixed point, ``Y = round(value * 2^F)``, and every
     half-step ``Y <- ((2^m - p) Y + p round(f * 2^F)) >> m`` keeps the m bits the shift drops, so the

@@ -102,6 +102,21 @@ class RemainderTape:
         self.chunks[-1] = self.chunks[-1][:last].clone()  # a copy: a view would keep the whole chunk alive
 
 
+# frac_bits="auto": the largest value seen at the start may grow this many bits before leaving the range.
+HEADROOM_BITS = 6
+
+
+def choose_frac_bits(largest: float) -> int:
+    """F for a solve whose start and f(start) are at most ``largest`` in magnitude: as many fractional bits
+    as leave 2^HEADROOM_BITS of growth inside the range ``|x| <= 2^(53 - F)``, in [0, 52]. Small values get a
+    fine resolution (a graph network's states of 1e-3 get F = 52, where the default F = 32 resolved them to
+    2e-7 relative), large ones a wide range."""
+    if not math.isfinite(largest) or largest <= 0.0:
+        return exact.MAX_FRAC_BITS if largest == 0.0 else exact.DEFAULT_FRAC_BITS  # NaN/Inf: f raises later
+    top = math.frexp(largest)[1]  # largest < 2^top
+    return max(0, min(exact.MAX_FRAC_BITS, 53 - HEADROOM_BITS - top))
+
+
 def quantize(x: torch.Tensor, frac_bits: int, status: torch.Tensor | None = None) -> torch.Tensor:
     """``round(x * 2^F)`` as int64 without a host sync; elements that cannot be represented become 0.
 

@@ -36,6 +36,7 @@ class SolverOptions:
     frac_bits: int | None = None  # exact mode only
     dyadic_beta: fixed_format.DyadicBeta | None = None  # exact mode only
     stop_mode: str = "rel"  # "rel": ||z - f(z)|| / ||f(z)|| <= tol; "abs": ||z - f(z)|| <= tol
+    auto_frac_bits: bool = False  # exact mode with frac_bits="auto": F is chosen per solve (solve() resolves it)
 
     @classmethod
     def make(cls, caller: str, *, beta=0.8, max_steps=30, tol=1e-3, check_every=1,
@@ -43,13 +44,17 @@ class SolverOptions:
              frac_bits=None, stop_mode="rel") -> "SolverOptions":
         if not isinstance(exact, bool):
             raise TypeError(f"{caller}: exact must be True or False, got {type(exact).__name__}")
-        dyadic = None
+        dyadic, auto = None, False
         if exact:
             dyadic = _dyadic_beta(caller, beta)
             beta = dyadic.value
             if frac_bits is None:
                 frac_bits = fixed_format.DEFAULT_FRAC_BITS
-            frac_bits = fixed_format.check_frac_bits(caller, frac_bits)
+            auto = frac_bits == "auto"
+            if isinstance(frac_bits, str) and not auto:
+                raise ValueError(f"{caller}: frac_bits must be an integer in [0, {fixed_format.MAX_FRAC_BITS}] or "
+                                 f"'auto', got {frac_bits!r}")
+            frac_bits = fixed_format.DEFAULT_FRAC_BITS if auto else fixed_format.check_frac_bits(caller, frac_bits)
         else:
             if frac_bits is not None:
                 raise ValueError(f"{caller}: frac_bits={frac_bits!r} sets the fixed-point format of exact mode, but "
@@ -69,7 +74,7 @@ class SolverOptions:
         if stop_mode not in STOP_MODES:
             raise ValueError(f"{caller}: stop_mode must be 'rel' or 'abs', got {stop_mode!r}")
         return cls(beta, max_steps, tol, check_every, state_dtype, max_drift, backend, exact, frac_bits, dyadic,
-                   stop_mode)
+                   stop_mode, exact and auto)
 
 
 def _dyadic_beta(caller, beta) -> fixed_format.DyadicBeta:

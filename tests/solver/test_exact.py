@@ -506,3 +506,79 @@ def test_cuda_exact_mode_without_a_tolerance_never_synchronises():
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert info["drift"] == 0.0
+
+
+# frac_bits="auto": the fixed-point scale chosen from the data -------------------------------------------
+
+
+def _small_graph_case(scale=1e-4):
+    """An IGNN-style f whose states are about ``scale``: relu(A z W + x U), A a normalised adjacency."""
+    g = torch.Generator().manual_seed(5)
+    adjacency = (torch.rand(10, 10, generator=g) < 0.3).double() + torch.eye(10, dtype=torch.float64)
+    adjacency = adjacency / adjacency.sum(1, keepdim=True)
+    w = (0.5 * torch.randn(6, 6, generator=g, dtype=torch.float64) / 6 ** 0.5).requires_grad_()
+    u = torch.randn(4, 6, generator=g, dtype=torch.float64).requires_grad_()
+    x = (scale * torch.randn(10, 4, generator=g, dtype=torch.float64)).requires_grad_()
+
+    def f(z, x):
+        return torch.relu(adjacency @ z @ w + x @ u) + 0.1 * torch.tanh(adjacency @ z)
+
+    return f, x, [w, u]
+
+
+def _exact_vs_unrolled(frac_bits, steps=16):
+    f, x, params = _small_graph_case()
+    z, info = rfp(f, x, z0=torch.zeros(10, 6, dtype=torch.float64), beta=0.5, max_steps=steps, tol=None,
+                  exact=True, frac_bits=frac_bits, params=params)
+    got = torch.autograd.grad(z.square().sum(), [x, *params])
+    y = zz = torch.zeros(10, 6, dtype=torch.float64)
+    for _ in range(steps):
+        y = 0.5 * y + 0.5 * f(zz, x)
+        zz = 0.5 * zz + 0.5 * f(y, x)
+    want = torch.autograd.grad(zz.square().sum(), [x, *params])
+    return max(((a - b).abs().max() / b.abs().max()).item() for a, b in zip(got, want)), info
+
+
+def test_auto_frac_bits_fits_small_valued_states_where_the_fixed_scale_does_not():
+    fixed_err, fixed_info = _exact_vs_unrolled(32)
+    auto_err, info = _exact_vs_unrolled("auto")
+    assert fixed_info["frac_bits"] == 32 and fixed_err > 1e-6  # 2^-32 is coarse for values of 1e-4
+    assert info["frac_bits"] == 52 and 0 < info["exact_scale"] < 1e-2
+    assert auto_err < 1e-9 and info["drift"] == 0.0  # and the reversal stays bit-exact
+
+
+@pytest.mark.parametrize("scale, bits", [(0.0, 52), (1e-3, 52), (0.7, 47), (1.0, 46), (3.0, 45), (1e5, 30),
+                                         (2.0 ** 60, 0)])
+def test_choose_frac_bits_leaves_64x_headroom(scale, bits):
+    from revdeq_kernels.solver.exact_states import choose_frac_bits
+
+    assert choose_frac_bits(scale) == bits
+    if 0 < scale < 2.0 ** 40:
+        assert fxp.value_range(bits) >= 64 * scale  # the values may grow 64x and still be represented
+
+
+def test_auto_frac_bits_leaves_the_rng_of_the_solve_alone():
+    # The scale is measured with one extra evaluation of f under forked RNG states: a dropout f draws the
+    # same masks as a solve at that F chosen by hand, so both give the same bits.
+    cell = TanhCell(dropout=0.3)
+    x = randn(3, 6, seed=1)
+    torch.manual_seed(7)
+    z_auto, info = rfp(cell, x, beta=0.5, max_steps=5, tol=None, exact=True, frac_bits="auto")
+    torch.manual_seed(7)
+    z_hand, _ = rfp(cell, x, beta=0.5, max_steps=5, tol=None, exact=True, frac_bits=info["frac_bits"])
+    assert info["frac_bits"] != 32 and torch.equal(z_auto, z_hand)
+
+
+def test_auto_frac_bits_is_refused_when_misspelt_and_works_from_the_torchdeq_core():
+    with pytest.raises(ValueError, match=r"frac_bits must be an integer in \[0, 52\] or 'auto', got 'automatic'"):
+        rfp(TanhCell(), randn(3, 6), exact=True, frac_bits="automatic")
+    pytest.importorskip("torchdeq")
+    from torchdeq import get_deq
+
+    import revdeq_kernels.integrations.torchdeq  # noqa: F401 (registers core="revdeq")
+
+    f, x, params = _small_graph_case()
+    deq = get_deq(core="revdeq", f_max_iter=16, f_tol=None, exact=True, frac_bits="auto")
+    z_out, info = deq(lambda z: f(z, x), torch.zeros(10, 6, dtype=torch.float64))
+    z_out[-1].sum().backward()
+    assert info.solver_info["frac_bits"] == 52 and info.solver_info["drift"] == 0.0
