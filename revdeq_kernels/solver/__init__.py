@@ -37,6 +37,10 @@ def start_scale(problem: Problem, x, z0) -> float:
     return torch.stack(largest).amax().item() if largest else 0.0
 
 
+# torch.compile graph-breaks once here by design: the solver is host-controlled (its loop length, checks and
+# messages depend on values), and tracing into it recompiled at every step. f runs as given: pass
+# torch.compile(f) to compile it (RevDEQ(torch.compile(cell)) or reversible_fixed_point(torch.compile(f), x)).
+@torch.compiler.disable
 def solve(f, x, *, z0=None, params=None, options: SolverOptions, caller: str = "reversible_fixed_point"):
     """:func:`reversible_fixed_point` with validated options (RevDEQ calls this with its own)."""
     if not callable(f):
