@@ -10,11 +10,11 @@
 import argparse
 import sys
 
-from . import bench_depth, bench_jacobian, bench_memory, bench_ops, common
+from . import bench_depth, bench_jacobian, bench_memory, bench_ops, bench_overhead, common
 
 # Every benchmark module: NAME, add_arguments(parser), run(args) -> path of the JSON it wrote.
 BENCHMARKS = {bench_ops.NAME: bench_ops, bench_jacobian.NAME: bench_jacobian, bench_depth.NAME: bench_depth,
-              bench_memory.NAME: bench_memory}
+              bench_memory.NAME: bench_memory, bench_overhead.NAME: bench_overhead}
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:

@@ -112,6 +112,8 @@ def check_lists(op: str, a_name: str, a_seq, b_name: str, b_seq) -> None:
 
 def has_addresses(*tensors) -> bool:
     """False while tracing and for fake tensors (no memory to compare) and meta tensors (none at all)."""
+    if all(type(t) is torch.Tensor for t in tensors):  # the common case, cheaply: fake tensors are a subclass
+        return not torch.compiler.is_compiling() and all(t.device.type != "meta" for t in tensors)
     if torch.compiler.is_compiling():
         return False
     return all(t.device.type != "meta" and not torch._subclasses.fake_tensor.is_fake(t) for t in tensors)
@@ -120,8 +122,10 @@ def has_addresses(*tensors) -> bool:
 def byte_span(t: torch.Tensor) -> tuple:
     """[first byte, one past the last byte) that a non-empty tensor's elements span (strides are never
     negative)."""
-    span = 1 + sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
     start = t.data_ptr()
+    if t.is_contiguous():  # the common case, without a Python loop over the dimensions
+        return start, start + t.numel() * t.element_size()
+    span = 1 + sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
     return start, start + span * t.element_size()
 
 
