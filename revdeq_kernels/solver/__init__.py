@@ -28,7 +28,7 @@ def start_scale(problem: Problem, x, z0) -> float:
     f is evaluated without grad and with the RNG states put back afterwards, so the solve's own evaluations
     (and any dropout masks they draw) are those it would have had without this one."""
     layout = problem.layout
-    start = layout.zeros(torch.float64) if z0 is None else layout.gather(z0, torch.float64)
+    start = layout.start_buffer(z0, torch.float64)
     devices = [problem.device.index or 0] if problem.device.type == "cuda" else []
     with torch.no_grad(), torch.random.fork_rng(devices=devices):
         fz = problem.evaluate(layout.cast(start), x, "forward pass, evaluating f(z0) to choose frac_bits")

@@ -207,14 +207,9 @@ class FixedStates:
         return layout.cast(exact.from_fixed(getattr(self, which), self.frac_bits, layout.common_dtype or torch.float64))
 
     def show_for_grad(self, which: str):
-        layout = self.layout
-        return layout.join([m.detach().requires_grad_() for m in layout.split(self.show(which))])
+        return self.layout.leaves(self.show(which))
 
     recomputes_first_step = False  # every state is reconstructed bit for bit: nothing to recompute
-
-    def show_start_for_grad(self, start):
-        """The start as f saw it in the forward: z's reconstruction, which is bit-exact in exact mode."""
-        return self.show_for_grad("z")
 
     def _status_row(self, half_step: int) -> torch.Tensor:
         step = half_step // 2 + 1  # half-steps 2n-2 (y) and 2n-1 (z) make up step n

@@ -88,6 +88,15 @@ class StateLayout:
         """A structured value with every member detached (the fused ops refuse tensors that require grad)."""
         return self.join([v.detach() for v in self.split(value)])
 
+    def start_buffer(self, start, dtype) -> torch.Tensor:
+        """A new buffer of ``dtype`` holding a start (a structured value like z0; None means zeros)."""
+        return self.zeros(dtype) if start is None else self.gather(start, dtype)
+
+    def leaves(self, value):
+        """A structured value with every member a fresh leaf that requires grad (for one vector-Jacobian
+        product)."""
+        return self.join([v.detach().requires_grad_() for v in self.split(value)])
+
     def gather(self, value, dtype) -> torch.Tensor:
         """A new buffer of ``dtype`` holding a structured value (one copy per member)."""
         buffer = torch.empty(self.buffer_shape, dtype=dtype, device=self.device)  # the members cover it

@@ -48,7 +48,7 @@ class FloatStates:
     @classmethod
     def start(cls, start, layout: StateLayout, state_dtype, beta, backend) -> "FloatStates":
         """Both states at ``start`` (a structured value like z0; None means zeros)."""
-        y = layout.zeros(state_dtype) if start is None else layout.gather(start, state_dtype)
+        y = layout.start_buffer(start, state_dtype)
         return cls(y, y.clone(), layout, beta, backend)
 
     @property
@@ -79,23 +79,20 @@ class FloatStates:
 
     def show_for_grad(self, which: str):
         """Like :meth:`show`, each member a fresh leaf that requires grad (for one vector-Jacobian product)."""
-        layout = self.layout
-        return layout.join([m.detach().requires_grad_() for m in layout.split(self.show(which))])
+        return self.layout.leaves(self.show(which))
 
     def show_start_for_grad(self, start):
         """The start as f saw it in the forward (z0, or zeros: exactly, z0 is in the compute dtypes), like
         :meth:`show_for_grad`; the backward differentiates f there instead of at z's reconstruction."""
-        layout = self.layout
-        buffer = layout.zeros(self.z.dtype) if start is None else layout.gather(start, self.z.dtype)
-        return layout.join([m.detach().requires_grad_() for m in layout.split(layout.cast(buffer))])
+        return self.layout.leaves(self.layout.cast(self.layout.start_buffer(start, self.z.dtype)))
 
     def first_y_for_grad(self, start, fz):
         """y[1] = relax_(start, f(start)) exactly as the forward computed it (same op, same inputs, same bits),
         like :meth:`show_for_grad`; ``fz`` is f at :meth:`show_start_for_grad`'s value."""
         layout = self.layout
-        buffer = layout.zeros(self.z.dtype) if start is None else layout.gather(start, self.z.dtype)
+        buffer = layout.start_buffer(start, self.z.dtype)
         ops.relax_(layout.members(buffer), layout.detach(fz), self.beta, backend=self.backend)
-        return layout.join([m.detach().requires_grad_() for m in layout.split(layout.cast(buffer))])
+        return layout.leaves(layout.cast(buffer))
 
     def relax_(self, which: str, f_val) -> None:
         ops.relax_(self._members[which], self.layout.detach(f_val), self.beta, backend=self.backend)
@@ -129,4 +126,3 @@ class FloatStates:
             return torch.maximum(self.y.abs().amax(), self.z.abs().amax())
         s = self.layout.gather(start, self.z.dtype)
         return torch.maximum((self.y - s).abs().amax(), (self.z - s).abs().amax())
-
