@@ -13,7 +13,7 @@
 # verify, sanitizer (compute-sanitizer memcheck over the CUDA tests), bench (every benchmark,
 # full sizes). A warm machine keeps the build between calls, so later calls may skip it.
 #
-# Expects python3 with torch (CUDA), Triton, pytest, ninja and pybind11 (the GPU image has them).
+# Expects python3 with torch (CUDA), Triton, pytest and ninja (the GPU image has them).
 # Wheels in .whl/ (e.g. torchdeq) are installed into /tmp/site first; verify.py is read from
 # .gpu/verify.py (a copy of ../shared/gpu/verify.py: ../shared does not travel).
 set -uo pipefail
