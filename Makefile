@@ -8,6 +8,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_VERSION ?= 2.13.0
 PYTEST_ARGS ?=
+# Two pytest workers (pytest-xdist, one per CI core); a file's tests stay on one worker, so tests that share
+# a build folder or a module fixture never race. PYTEST_WORKERS=0 runs everything in this process.
+PYTEST_WORKERS ?= 2
 
 # Never let pip pull PyPI's multi-GB CUDA build of torch onto a machine without an NVIDIA GPU:
 # use a local CPU wheel when pip is configured with one (find-links), else PyTorch's CPU index.
@@ -41,7 +44,7 @@ $(VENV)/.built: setup.py $(CSRC) | $(VENV)/.deps
 install: $(VENV)/.built
 
 test: install
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest $(if $(filter-out 0,$(PYTEST_WORKERS)),-n $(PYTEST_WORKERS) --dist loadfile) $(PYTEST_ARGS)
 
 # The main job, a few minutes on 2 CPU cores: the reversible gradient against autograd (float64), a
 # RevDEQ trained on scikit-learn's digits (fails below 95% test accuracy), the quick benchmarks and
