@@ -18,7 +18,8 @@ import math
 
 import torch
 
-from .. import exact, ops
+from .. import exact
+from ..ops.bound import BoundOps
 from .layout import StateLayout
 from .step_rows import StepRows
 
@@ -165,6 +166,7 @@ class FixedStates:
         self.beta, self.frac_bits = beta, frac_bits
         self.remainders, self.status = remainders, status
         self.backend = backend
+        self.ops = BoundOps(y.device, backend)  # resolved once: no per-call checks or lookup (ops/bound.py)
         self.forward = forward
 
     @classmethod
@@ -221,14 +223,13 @@ class FixedStates:
 
     def relax_(self, which: str, f_val) -> None:
         half_step = self.remainders.used
-        ops.relax_fixed_(getattr(self, which), self._f_values(f_val), self.beta, self.remainders.push(),
-                         frac_bits=self.frac_bits, status=self._status_row(half_step), backend=self.backend)
+        self.ops.relax_fixed_(getattr(self, which), self._f_values(f_val), self.beta, self.remainders.push(),
+                              self.frac_bits, self._status_row(half_step))
 
     def unrelax_(self, which: str, f_val) -> None:
         remainder = self.remainders.pop()
-        ops.unrelax_fixed_(getattr(self, which), self._f_values(f_val), self.beta, remainder,
-                           frac_bits=self.frac_bits, status=self._status_row(self.remainders.used),
-                           backend=self.backend)
+        self.ops.unrelax_fixed_(getattr(self, which), self._f_values(f_val), self.beta, remainder, self.frac_bits,
+                                self._status_row(self.remainders.used))
 
     def _value(self, which: str) -> torch.Tensor:
         return exact.from_fixed(getattr(self, which), self.frac_bits, torch.float64)
@@ -249,7 +250,7 @@ class FixedStates:
             too_big = torch.isfinite(largest) & (largest * math.ldexp(1.0, self.frac_bits) > exact.LIMIT)
             step = self.remainders.used // 2  # called after the step's two half-steps (0: f(z0))
             self.status[step:step + 1].bitwise_or_(too_big.to(torch.int32) * int(exact.FixedStatus.F_OUT_OF_RANGE))
-        return ops.residual(layout.members(self._value("z")), layout.detach(fz), backend=self.backend)
+        return self.ops.residual(layout.members(self._value("z")), layout.detach(fz))
 
     def output(self):
         """z's value in the compute dtypes, each member a fresh tensor of its own."""

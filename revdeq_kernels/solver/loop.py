@@ -40,7 +40,7 @@ import dataclasses
 
 import torch
 
-from .. import ops
+from ..ops.bound import BoundOps
 from .exact_states import FixedStates
 from .info import SolverInfo
 from .layout import StateLayout
@@ -282,6 +282,7 @@ def backward(problem: Problem, info: SolverInfo, states: FloatStates | FixedStat
     hz = layout.gather(grad_z, o.state_dtype).mul_(beta)
     hy = torch.zeros_like(hz)
     hz_members, hy_members = layout.members(hz), layout.members(hy)
+    kernels = BoundOps(problem.device, o.backend)
     # Row n: residual(z[n-1], f(z[n-1])) and residual(hz, b) at step n; row 0 holds the drift.
     # Both are NaN-propagating, so a non-finite f, vjp or reconstruction shows up at its step.
     evidence = torch.empty(steps + 1, 4, dtype=torch.float64, device=problem.device)
@@ -314,7 +315,7 @@ def backward(problem: Problem, info: SolverInfo, states: FloatStates | FixedStat
             states.unrelax_("z", fy)  # z[n-1]
             a = _vjp(layout, fy, y_in, hz, sink)
             del fy, y_in
-            ops.relax_(hy_members, a, beta, backend=o.backend)
+            kernels.relax_(hy_members, a, beta)
             del a
 
             if not first:
@@ -325,8 +326,8 @@ def backward(problem: Problem, info: SolverInfo, states: FloatStates | FixedStat
             evidence[n, :2] = states.residual(fz)
             b = _vjp(layout, fz, z_in, hy, sink)
             del fz, z_in
-            evidence[n, 2:] = ops.residual(hz_members, b, backend=o.backend)
-            ops.relax_(hz_members, b, beta, backend=o.backend)
+            evidence[n, 2:] = kernels.residual(hz_members, b)
+            kernels.relax_(hz_members, b, beta)
             del b
 
     tiny = torch.finfo(scale.dtype).tiny

@@ -10,7 +10,7 @@ of member tensors), one fused op call per update.
 
 import torch
 
-from .. import ops
+from ..ops.bound import BoundOps
 from ..ops.dtypes import residual_dtype
 from .layout import StateLayout
 
@@ -43,6 +43,7 @@ class FloatStates:
         self.y, self.z = y, z
         self.layout = layout
         self.beta, self.backend = beta, backend
+        self.ops = BoundOps(y.device, backend)  # resolved once: no per-call checks or lookup (ops/bound.py)
         self._members = {"y": layout.members(y), "z": layout.members(z)}
 
     @classmethod
@@ -91,18 +92,18 @@ class FloatStates:
         like :meth:`show_for_grad`; ``fz`` is f at :meth:`show_start_for_grad`'s value."""
         layout = self.layout
         buffer = layout.start_buffer(start, self.z.dtype)
-        ops.relax_(layout.members(buffer), layout.detach(fz), self.beta, backend=self.backend)
+        self.ops.relax_(layout.members(buffer), layout.detach(fz), self.beta)
         return layout.leaves(layout.cast(buffer))
 
     def relax_(self, which: str, f_val) -> None:
-        ops.relax_(self._members[which], self.layout.detach(f_val), self.beta, backend=self.backend)
+        self.ops.relax_(self._members[which], self.layout.detach(f_val), self.beta)
 
     def unrelax_(self, which: str, f_val) -> None:
-        ops.unrelax_(self._members[which], self.layout.detach(f_val), self.beta, backend=self.backend)
+        self.ops.unrelax_(self._members[which], self.layout.detach(f_val), self.beta)
 
     def residual(self, fz) -> torch.Tensor:
         """[||z - fz||^2, ||fz||^2] over all members on the device, float64 for float64 states."""
-        return ops.residual(self._members["z"], self.layout.detach(fz), backend=self.backend)
+        return self.ops.residual(self._members["z"], self.layout.detach(fz))
 
     def output(self):
         """z in the compute dtypes, each member a fresh tensor: the states keep changing in the backward."""
