@@ -35,6 +35,7 @@ class StateLayout:
 
     def __init__(self, kind, shapes, compute_dtypes, device):
         self.kind = kind
+        self.is_tuple = kind is not torch.Tensor  # read several times per step: an attribute, not a property
         self.shapes = [tuple(s) for s in shapes]
         self.compute_dtypes = list(compute_dtypes)
         self.device = torch.device(device)
@@ -43,10 +44,6 @@ class StateLayout:
             self.offsets.append(self.offsets[-1] + math.prod(shape))
         dtypes = set(self.compute_dtypes)
         self.common_dtype = dtypes.pop() if len(dtypes) == 1 else None  # None: members differ
-
-    @property
-    def is_tuple(self) -> bool:
-        return self.kind is not torch.Tensor
 
     @property
     def numel(self) -> int:

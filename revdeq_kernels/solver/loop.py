@@ -286,6 +286,8 @@ def backward(problem: Problem, info: SolverInfo, states: FloatStates | FixedStat
     # Row n: residual(z[n-1], f(z[n-1])) and residual(hz, b) at step n; row 0 holds the drift.
     # Both are NaN-propagating, so a non-finite f, vjp or reconstruction shows up at its step.
     evidence = torch.empty(steps + 1, 4, dtype=torch.float64, device=problem.device)
+    # Row views made once: writing through them costs half of indexing evidence[n, :2] at every step.
+    state_rows, adjoint_rows = evidence[:, :2].unbind(0), evidence[:, 2:].unbind(0)
     scale = states.scale(z0)
 
     with tape.forked(), _buffers_restored(problem.f), torch.enable_grad():
@@ -323,10 +325,10 @@ def backward(problem: Problem, info: SolverInfo, states: FloatStates | FixedStat
                 z_in = states.show_for_grad("z")
                 fz = problem.evaluate(z_in, x, where)
             states.unrelax_("y", fz)  # y[n-1] (at n = 1 only for the drift)
-            evidence[n, :2] = states.residual(fz)
+            state_rows[n].copy_(states.residual(fz))
             b = _vjp(layout, fz, z_in, hy, sink)
             del fz, z_in
-            evidence[n, 2:] = kernels.residual(hz_members, b)
+            adjoint_rows[n].copy_(kernels.residual(hz_members, b))
             kernels.relax_(hz_members, b, beta)
             del b
 

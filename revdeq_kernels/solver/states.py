@@ -45,6 +45,7 @@ class FloatStates:
         self.beta, self.backend = beta, backend
         self.ops = BoundOps(y.device, backend)  # resolved once: no per-call checks or lookup (ops/bound.py)
         self._members = {"y": layout.members(y), "z": layout.members(z)}
+        self._shown = {}  # which -> (cast buffer, its members): show's reused casts
 
     @classmethod
     def start(cls, start, layout: StateLayout, state_dtype, beta, backend) -> "FloatStates":
@@ -75,8 +76,22 @@ class FloatStates:
         return cls(y, z, layout, beta, backend)
 
     def show(self, which: str):
-        """The state as f sees it: a cast to the compute dtypes (detached aliases when they agree)."""
-        return self.layout.cast(getattr(self, which))
+        """The state as f sees it: a cast to the compute dtypes (detached aliases when they agree).
+
+        With one compute dtype other than the state's, the cast goes into a buffer kept per state and
+        rewritten at every call (a copy into it, no allocation): what f saw last is overwritten, which is
+        safe because each value shown is used only until the next call for the same state."""
+        buffer = getattr(self, which)
+        dtype = self.layout.common_dtype
+        if dtype is None or dtype == buffer.dtype:
+            return self.layout.cast(buffer)
+        shown = self._shown.get(which)
+        if shown is None:
+            cast = buffer.to(dtype)
+            shown = self._shown[which] = (cast, self.layout.members(cast))
+        else:
+            shown[0].copy_(buffer)
+        return shown[1]
 
     def show_for_grad(self, which: str):
         """Like :meth:`show`, each member a fresh leaf that requires grad (for one vector-Jacobian product)."""
