@@ -168,6 +168,9 @@ class FixedStates:
         self.backend = backend
         self.ops = BoundOps(y.device, backend)  # resolved once: no per-call checks or lookup (ops/bound.py)
         self.forward = forward
+        self._values, self._fresh = {}, set()  # which -> float64 value buffer; the states it is current for
+        self._shown = {}  # which -> (compute-dtype buffer, its members): show's reused casts
+        self._f_range_flag = int(exact.FixedStatus.F_OUT_OF_RANGE)
 
     @classmethod
     def start(cls, start, layout: StateLayout, beta, frac_bits, backend, max_steps, first_steps,
@@ -201,12 +204,24 @@ class FixedStates:
         return cls(y, z, layout, beta, frac_bits, tape, status, backend, forward=False)
 
     def show(self, which: str):
-        """The state as f sees it: its value, rounded once to each member's compute dtype (fresh tensors).
+        """The state as f sees it: its value, rounded once to each member's compute dtype.
 
         The value goes through float64 exactly, so rounding it to a member's dtype afterwards gives the
-        bits :func:`~revdeq_kernels.exact.from_fixed` would give for that member alone."""
+        bits :func:`~revdeq_kernels.exact.from_fixed` would give for that member alone. With one compute
+        dtype the rounding goes into a buffer kept per state (as for float states: what f saw is used only
+        until the next show of that state)."""
         layout = self.layout
-        return layout.cast(exact.from_fixed(getattr(self, which), self.frac_bits, layout.common_dtype or torch.float64))
+        value = self._value(which)
+        dtype = layout.common_dtype
+        if dtype is None or dtype == torch.float64:
+            return layout.cast(value)
+        shown = self._shown.get(which)
+        if shown is None:
+            cast = value.to(dtype)
+            shown = self._shown[which] = (cast, layout.members(cast))
+        else:
+            shown[0].copy_(value)
+        return shown[1]
 
     def show_for_grad(self, which: str):
         return self.layout.leaves(self.show(which))
@@ -222,17 +237,30 @@ class FixedStates:
         return self.layout.flat(f_val)
 
     def relax_(self, which: str, f_val) -> None:
+        self._fresh.discard(which)
         half_step = self.remainders.used
         self.ops.relax_fixed_(getattr(self, which), self._f_values(f_val), self.beta, self.remainders.push(),
                               self.frac_bits, self._status_row(half_step))
 
     def unrelax_(self, which: str, f_val) -> None:
+        self._fresh.discard(which)
         remainder = self.remainders.pop()
         self.ops.unrelax_fixed_(getattr(self, which), self._f_values(f_val), self.beta, remainder, self.frac_bits,
                                 self._status_row(self.remainders.used))
 
     def _value(self, which: str) -> torch.Tensor:
-        return exact.from_fixed(getattr(self, which), self.frac_bits, torch.float64)
+        """The state's exact float64 value, in a buffer kept per state and refreshed only after the state
+        changed: the forward's f(z) and residual, and the backward's, read the same z."""
+        cached = self._values.get(which)
+        if cached is None:
+            state = getattr(self, which)
+            cached = self._values[which] = torch.empty(state.shape, dtype=torch.float64, device=state.device)
+            cached.copy_(state).mul_(math.ldexp(1.0, -self.frac_bits))  # both exact: |state| <= 2^53, a power of 2
+            self._fresh.add(which)
+        elif which not in self._fresh:
+            cached.copy_(getattr(self, which)).mul_(math.ldexp(1.0, -self.frac_bits))
+            self._fresh.add(which)
+        return cached
 
     def residual(self, fz) -> torch.Tensor:
         """[||z - fz||^2, ||fz||^2] over all members in float64 on the device, with z's exact float64 value.
@@ -244,12 +272,14 @@ class FixedStates:
         layout = self.layout
         members = [m.detach() for m in layout.split(fz) if m.numel()]
         if self.forward and members:
-            largest = members[0].abs().amax().to(torch.float64)
+            largest = members[0].abs().amax()
             for m in members[1:]:
-                largest = torch.maximum(largest, m.abs().amax().to(torch.float64))
-            too_big = torch.isfinite(largest) & (largest * math.ldexp(1.0, self.frac_bits) > exact.LIMIT)
+                largest = torch.maximum(largest.to(torch.float64), m.abs().amax().to(torch.float64))
+            # |f| * 2^F > LIMIT, as |f| > 2^(53 - F): a power of two, so the comparison is exact in f's own dtype
+            # (no cast per step); NaN and Inf compare False here (the residual shows them).
+            too_big = (largest > math.ldexp(float(exact.LIMIT), -self.frac_bits)) & (largest != math.inf)
             step = self.remainders.used // 2  # called after the step's two half-steps (0: f(z0))
-            self.status[step:step + 1].bitwise_or_(too_big.to(torch.int32) * int(exact.FixedStatus.F_OUT_OF_RANGE))
+            self.status.data.select(0, step).bitwise_or_(too_big.to(torch.int32).mul_(self._f_range_flag))
         return self.ops.residual(layout.members(self._value("z")), layout.detach(fz))
 
     def output(self):
