@@ -122,11 +122,13 @@ def run(args) -> str:
         # The minimal loop computes the same gradient as the library (float64 states, beta 1/2).
         got, want = _step("revdeq", f, lin, x, steps, beta), _step("minimal", f, lin, x, steps, beta)
         check[dim] = max(((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item() for a, b in zip(got, want))
-        times = {}
-        for method in METHODS:
-            t = common.time_calls(lambda i, m=method, f=f, lin=lin, x=x: _step(m, f, lin, x, steps, beta), 1, device,
-                                  min_time=args.min_time, min_samples=7)
-            times[method] = t
+        # Sampled in turn (one sample of each method, then the next round): load from elsewhere hits all
+        # methods alike, so their ratios hold on a busy machine.
+        jobs = [common.Job(lambda i, m=method, f=f, lin=lin, x=x: _step(m, f, lin, x, steps, beta), 1)
+                for method in METHODS]
+        timed = common.time_jobs(jobs, device, min_time=args.min_time, min_samples=15)
+        times = dict(zip(METHODS, timed))
+        for method, t in times.items():
             results.append({"dim": dim, "method": method, "steps": steps, "batch": batch, **t,
                             "per_step_us": t["median_s"] / steps * 1e6})
         for r in results[-len(METHODS):]:
