@@ -582,3 +582,26 @@ def test_auto_frac_bits_is_refused_when_misspelt_and_works_from_the_torchdeq_cor
     z_out, info = deq(lambda z: f(z, x), torch.zeros(10, 6, dtype=torch.float64))
     z_out[-1].sum().backward()
     assert info.solver_info["frac_bits"] == 52 and info.solver_info["drift"] == 0.0
+
+
+@pytest.mark.parametrize("frac_bits", [0, 8, 32, 47, 52])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_f_sees_from_fixed_bits_of_both_states(frac_bits, dtype):
+    # show() converts y to float32 directly (int64 -> float32, then * 2^-F) and z through float64: both must
+    # give f the bits from_fixed gives, over the whole range of fixed-point values, repeatedly (kept buffers).
+    from revdeq_kernels.solver.layout import StateLayout
+
+    g = torch.Generator().manual_seed(frac_bits)
+    layout = StateLayout(torch.Tensor, [(3000,)], [dtype], "cpu")
+    states = FixedStates.start(None, layout, DyadicBeta(13, 4), frac_bits, None, 4, 4)
+    for _ in range(2):
+        for which in ("y", "z"):
+            ints = torch.cat([torch.randint(-(1 << 53), 1 << 53, (1000,), generator=g),
+                              torch.randint(-(1 << 25), 1 << 25, (1000,), generator=g),
+                              torch.randint(-300, 300, (1000,), generator=g)])
+            getattr(states, which).copy_(ints)
+            states._fresh.discard(which)  # what relax_/unrelax_ do after changing a state
+            want = fxp.from_fixed(ints, frac_bits, dtype)
+            got = states.show(which)
+            bits = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float64: torch.int64}[dtype]
+            assert got.dtype == dtype and torch.equal(got.view(bits), want.view(bits)), (which, frac_bits)
