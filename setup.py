@@ -127,6 +127,16 @@ def _cuda_decision(torch, cpp_extension, cuda_sources):
     return True, f"torch CUDA {torch.version.cuda}, nvcc in {cpp_extension.CUDA_HOME}"
 
 
+def _openmp_flags(torch) -> list:
+    """-fopenmp where torch's at::parallel_for is OpenMP (Linux builds): its loop is a `#pragma omp parallel`
+    in a header, so the kernels compiled without the flag ran on one thread whatever torch.set_num_threads
+    said. Only the compile flag: the GOMP symbols resolve to the OpenMP runtime torch already loads, never a
+    second one."""
+    if not sys.platform.startswith("linux") or "OpenMP" not in torch.__config__.parallel_info():
+        return []
+    return ["-fopenmp"]
+
+
 def _extensions():
     if _env_flag("REVDEQ_SKIP_BUILD"):
         _say("REVDEQ_SKIP_BUILD is set: nothing compiled, the PyTorch reference backend serves every op")
@@ -144,7 +154,7 @@ def _extensions():
     cuda_sources = _sources("csrc/cuda/kernels/*.cu", "csrc/cuda/bindings/*.cpp")
     build_cuda, why = _cuda_decision(torch, cpp_extension, cuda_sources)
 
-    cxx_flags = ["-O3", "-fvisibility=hidden"]
+    cxx_flags = ["-O3", "-fvisibility=hidden", *_openmp_flags(torch)]
     include_dirs = [os.path.join(ROOT, "csrc")]
     if build_cuda:
         plan = cuda_arch_plan(os.environ, nvcc_archs(_find_nvcc(cpp_extension)))

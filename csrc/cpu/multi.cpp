@@ -23,12 +23,12 @@ using ResidualFn = void (*)(const void* z, const void* f, int64_t begin, int64_t
 
 template <typename S, typename F>
 void affine_erased(void* state, const void* f, int64_t begin, int64_t end, const Affine& k) {
-  cpu::affine_range(static_cast<S*>(state), static_cast<const F*>(f), begin, end, k);
+  cpu::run_affine(static_cast<S*>(state), static_cast<const F*>(f), begin, end, k);
 }
 
 template <typename Z, typename F>
 void residual_erased(const void* z, const void* f, int64_t begin, int64_t end, double* diff_sq, double* f_sq) {
-  cpu::residual_range(static_cast<const Z*>(z), static_cast<const F*>(f), begin, end, diff_sq, f_sq);
+  cpu::run_residual(static_cast<const Z*>(z), static_cast<const F*>(f), begin, end, diff_sq, f_sq);
 }
 
 // Position of `index` in a list of pieces laid end to end: the piece k with offsets[k] <= index <

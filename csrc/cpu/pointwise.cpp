@@ -22,7 +22,7 @@ using cpu::kResidualChunk;
 template <typename S, typename F>
 void affine_kernel(S* state, const F* f, int64_t n, const Affine& k) {
   at::parallel_for(0, n, kPointwiseGrain, [&](int64_t begin, int64_t end) {
-    cpu::affine_range(state, f, begin, end, k);
+    cpu::run_affine(state, f, begin, end, k);
   });
 }
 
@@ -33,7 +33,7 @@ void residual_kernel(const Z* z, const F* f, int64_t n, double* sums) {
   at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
       const int64_t begin = c * kResidualChunk;
-      cpu::residual_range(z, f, begin, std::min(n, begin + kResidualChunk), &partial[2 * c], &partial[2 * c + 1]);
+      cpu::run_residual(z, f, begin, std::min(n, begin + kResidualChunk), &partial[2 * c], &partial[2 * c + 1]);
     }
   });
   sums[0] = sums[1] = 0.0;

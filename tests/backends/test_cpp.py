@@ -41,6 +41,25 @@ def test_residual_is_independent_of_thread_count():
     assert torch.equal(one, many), f"1 thread {one.tolist()} vs {max(2, threads)} threads {many.tolist()}"
 
 
+@pytest.mark.skipif("OpenMP" not in torch.__config__.parallel_info(),
+                    reason="torch's at::parallel_for is not OpenMP here")
+def test_kernels_run_at_parallel_for_on_torchs_openmp_threads():
+    # at::parallel_for is a `#pragma omp parallel` in a header: compiled without -fopenmp (as _C was until
+    # setup.py added it) every kernel ran on one thread and the thread-count tests above passed vacuously.
+    import shutil
+    import subprocess
+
+    nm = shutil.which("nm")
+    if nm is None:
+        pytest.skip("nm (binutils) is not installed")
+    symbols = subprocess.run([nm, "-D", extension._C.__file__], capture_output=True, text=True, check=True).stdout
+    assert "GOMP_parallel" in symbols, "revdeq_kernels._C was compiled without OpenMP: its kernels use one thread"
+    needed = subprocess.run([shutil.which("readelf") or "readelf", "-d", extension._C.__file__], capture_output=True,
+                            text=True).stdout
+    assert "gomp" not in "".join(line for line in needed.splitlines() if "NEEDED" in line), (
+        "_C must use the OpenMP runtime torch loads, not link a second one")
+
+
 def test_direct_op_call_checks_arguments():
     # torch.ops.revdeq.* bypass the Python checks, so the C++ side must refuse unsafe input itself.
     with pytest.raises(ValueError, match=r"relax_: f_val has shape \[4\] but state has shape \[5\]"):
