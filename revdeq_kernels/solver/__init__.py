@@ -14,10 +14,11 @@ import dataclasses
 import torch
 
 from . import exact_states, loop
+from .fsdp import FsdpBridge, sharded_modules
 from .function import ReversibleFixedPoint
 from .info import DriftError, SolverInfo
 from .options import SolverOptions
-from .problem import Problem, check_not_fsdp_sharded, params_of, state_layout, x_tensors
+from .problem import Problem, check_params_not_sharded, params_of, state_layout, x_tensors
 
 __all__ = ["DriftError", "SolverInfo", "SolverOptions", "reversible_fixed_point", "solve"]
 
@@ -45,14 +46,17 @@ def solve(f, x, *, z0=None, params=None, options: SolverOptions, caller: str = "
     """:func:`reversible_fixed_point` with validated options (RevDEQ calls this with its own)."""
     if not callable(f):
         raise TypeError(f"{caller}: f must be callable as f(z, x), got {type(f).__name__}")
-    check_not_fsdp_sharded(caller, f)
+    sharded = sharded_modules(f)
+    fsdp = FsdpBridge(f, sharded) if sharded else None  # reshards them first: f's parameters are the shards
     x_kind, inputs = x_tensors(caller, x)
     layout = state_layout(caller, inputs, z0, options)
     params = params_of(caller, f, params, inputs)
+    if fsdp is None:
+        check_params_not_sharded(caller, params)
     # A closure, and a Module too (a tensor attribute that requires grad, an encoder's output stored
     # on it), may use tensors that require grad but are not among the inputs: they would get no gradient.
     check_closures = torch.is_grad_enabled()
-    problem = Problem(caller, f, x_kind, len(inputs), layout, z0 is None, options, check_closures)
+    problem = Problem(caller, f, x_kind, len(inputs), layout, z0 is None, options, check_closures, fsdp)
     scale = None
     if options.auto_frac_bits:
         scale = start_scale(problem, x, z0)
@@ -89,7 +93,9 @@ def reversible_fixed_point(f, x, *, z0=None, beta=0.8, max_steps=30, tol=1e-3, p
         f: callable ``f(z, x) -> Tensor`` shaped like ``z``, e.g. an ``nn.Module``; for a tuple state
             (below) ``z`` is a tuple and ``f`` returns a tuple (or list) of as many tensors. It may use
             dropout (each evaluation's RNG state is replayed in the backward) and BatchNorm-style
-            buffers (restored after the backward's re-evaluations when ``f`` is an ``nn.Module``).
+            buffers (restored after the backward's re-evaluations when ``f`` is an ``nn.Module``). An
+            ``nn.Module`` ``f`` may be sharded with FSDP2 (``fully_shard`` on it or on modules inside it): its
+            sharded parameters get FSDP2's gradients (averaged over the ranks; solver/fsdp.py).
         x: a tensor or a tuple of tensors, passed to ``f`` as given. Gradients flow to each tensor that
             requires grad.
         z0: the start: a tensor, or a tuple (or list) of tensors for a tuple state; None for zeros

@@ -127,9 +127,10 @@ def forward(problem: Problem, info: SolverInfo, x, x_tensors, z0, declared=None,
         # The graph exists only for check_declared and is dropped right after: its saved tensors are
         # never used by a backward, so an outer saved-tensors hook (CPU offloading, a memory count) must
         # not see them; this inner hook takes them instead.
-        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(_kept, _kept):
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(_kept, _kept), _capturing(problem):
             fz = problem.evaluate(states.show("z"), x, FIRST_EVALUATION)
-            check_declared(problem, fz, declared)
+            # Under FSDP2 f computes with the unsharded parameters standing in for the declared shards.
+            check_declared(problem, fz, declared + (problem.fsdp.unsharded() if problem.fsdp else []))
         fz = problem.layout.detach(fz)
     history[0] = states.residual(fz)
     steps = 0
@@ -172,9 +173,15 @@ class _GradSink:
     original a closure may hold, both feeding x's gradient.
     """
 
-    def __init__(self, tensors, slots, n_slots):
+    def __init__(self, tensors, slots, n_slots, fsdp=None):
         self.tensors, self.slots = list(tensors), list(slots)
         self.sums = [None] * n_slots
+        self.fsdp = fsdp
+
+    def wrt(self) -> list:
+        """What the vjp of the latest evaluation differentiates: ``tensors``, with the unsharded parameter FSDP2
+        swapped in for each sharded one (solver/fsdp.py)."""
+        return self.tensors if self.fsdp is None else self.fsdp.substitute(self.tensors)
 
     def add(self, grads) -> None:
         for slot, g in zip(self.slots, grads):
@@ -197,7 +204,7 @@ def _vjp(layout: StateLayout, out, z_in, cotangent: torch.Tensor, sink: _GradSin
     live = [(t, c) for t, c in zip(outs, cotangents) if t.requires_grad]
     grads = [None] * len(ins)
     if live:
-        found = torch.autograd.grad([t for t, _ in live], [*ins, *sink.tensors], [c for _, c in live],
+        found = torch.autograd.grad([t for t, _ in live], [*ins, *sink.wrt()], [c for _, c in live],
                                     allow_unused=True)
         grads = found[:len(ins)]
         sink.add(found[len(ins):])
@@ -218,6 +225,19 @@ def _buffers_restored(f):
         with torch.no_grad():
             for buffer, value in saved:
                 buffer.copy_(value)
+
+
+def _capturing(problem: Problem):
+    """Under FSDP2, note the unsharded parameters each evaluation of f computes with (solver/fsdp.py)."""
+    return problem.fsdp.capturing() if problem.fsdp is not None else contextlib.nullcontext()
+
+
+def _gradient_for(problem: Problem, target: torch.Tensor, grad: torch.Tensor):
+    """The summed gradient as ``target``'s gradient: its dtype, and for a parameter sharded by FSDP2 averaged
+    over the ranks and sharded like it."""
+    if problem.fsdp is not None and problem.fsdp.is_sharded(target):
+        return problem.fsdp.sharded_grad(target, grad)
+    return grad.to(target.dtype)
 
 
 def f_mismatch(forward_rows: torch.Tensor, backward_rows: torch.Tensor) -> torch.Tensor:
@@ -275,7 +295,7 @@ def backward(problem: Problem, info: SolverInfo, states: FloatStates | FixedStat
         if need:
             wrt.append(params[j])
             slots.append(len(x_tensors) + j)
-    sink = _GradSink(wrt, slots, len(x_tensors) + len(params))
+    sink = _GradSink(wrt, slots, len(x_tensors) + len(params), problem.fsdp)
 
     layout = problem.layout
     # The adjoints, one buffer each like the states: the fused ops update their members in one call.
@@ -290,7 +310,7 @@ def backward(problem: Problem, info: SolverInfo, states: FloatStates | FixedStat
     state_rows, adjoint_rows = evidence[:, :2].unbind(0), evidence[:, 2:].unbind(0)
     scale = states.scale(z0)
 
-    with tape.forked(), _buffers_restored(problem.f), torch.enable_grad():
+    with tape.forked(), _buffers_restored(problem.f), torch.enable_grad(), _capturing(problem):
         for n in range(steps, 0, -1):
             where = f"backward pass, step {n}"
             # Float states recompute step 1 forward from the true start instead of using its reconstruction:
@@ -313,7 +333,7 @@ def backward(problem: Problem, info: SolverInfo, states: FloatStates | FixedStat
                     f_changed = _relative_change(f_signature(layout, layout.detach(fy)), last_fy)
                 f_eps = max(torch.finfo(t.dtype).eps for t in layout.split(fy))
                 if problem.check_closures:
-                    check_partial(problem, fy, sink.tensors)
+                    check_partial(problem, fy, sink.wrt())
             states.unrelax_("z", fy)  # z[n-1]
             a = _vjp(layout, fy, y_in, hz, sink)
             del fy, y_in
@@ -332,6 +352,8 @@ def backward(problem: Problem, info: SolverInfo, states: FloatStates | FixedStat
             kernels.relax_(hz_members, b, beta)
             del b
 
+    if problem.fsdp is not None:
+        problem.fsdp.reshard()
     tiny = torch.finfo(scale.dtype).tiny
     evidence[0] = (states.distance_to(z0) / scale.clamp_min(tiny)).to(torch.float64)
     evidence[0, 1] = f_mismatch(info.residual_history()[:steps], evidence[1:, :2])
@@ -349,5 +371,5 @@ def backward(problem: Problem, info: SolverInfo, states: FloatStates | FixedStat
         grad_z0 = [g.to(t.dtype, copy=layout.is_tuple) if need else None
                    for g, t, need in zip(grad_start, layout.split(z0), need_z0)]
     targets = [*x_tensors, *params]
-    grads = [None if g is None else g.to(t.dtype) for g, t in zip(sink.sums, targets)]
+    grads = [None if g is None else _gradient_for(problem, t, g) for g, t in zip(sink.sums, targets)]
     return grad_z0, grads[:len(x_tensors)], grads[len(x_tensors):]

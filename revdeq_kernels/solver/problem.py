@@ -32,8 +32,10 @@ class Problem:
             were not passed (see :func:`check_declared`).
     """
 
-    def __init__(self, caller, f, x_kind, n_x, layout: StateLayout, default_start, options, check_closures=False):
+    def __init__(self, caller, f, x_kind, n_x, layout: StateLayout, default_start, options, check_closures=False,
+                 fsdp=None):
         self.caller, self.f = caller, f
+        self.fsdp = fsdp  # solver/fsdp.py's FsdpBridge when f holds modules sharded with FSDP2
         self.x_kind, self.n_x = x_kind, n_x
         self.layout, self.device = layout, layout.device
         self.default_start = default_start
@@ -236,31 +238,18 @@ def check_partial(problem: Problem, out, inputs) -> None:
 # The caller's arguments, normalised (solver/__init__.py builds a Problem from them).
 
 
-def _fsdp_module_type():
-    try:
-        from torch.distributed.fsdp import FSDPModule  # torch >= 2.6, where FSDP2 is public
-    except ImportError:
-        return None
-    return FSDPModule
+def check_params_not_sharded(caller: str, params) -> None:
+    """Refuse DTensor params handed over by a closure f: FSDP2 computes with unsharded copies of them, which
+    the solver can only track when f is the sharded Module itself (solver/fsdp.py)."""
+    from .fsdp import _is_dtensor
 
-
-def check_not_fsdp_sharded(caller: str, f) -> None:
-    """Refuse an f sharded with FSDP2 (fully_shard on f or a module inside it).
-
-    The backward re-evaluates f inside the solver's autograd Function and differentiates with respect to
-    the parameters it holds; under FSDP2 those are the sharded DTensors, while the evaluations compute
-    with the unsharded copies FSDP2 swaps in, so every parameter of f would get no gradient."""
-    fsdp_module = _fsdp_module_type()
-    if fsdp_module is None or not isinstance(f, torch.nn.Module):
-        return
-    sharded = [name or "f itself" for name, m in f.named_modules() if isinstance(m, fsdp_module)]
-    if sharded:
+    if any(_is_dtensor(p) for p in params):
         raise NotImplementedError(
-            f"{caller}: f is sharded with FSDP2 (fully_shard on {', '.join(sharded[:3])}"
-            f"{', ...' if len(sharded) > 3 else ''}); the reversible backward re-evaluates f inside its own "
-            "backward, where FSDP2's sharded parameters would silently get no gradient. Shard the modules around "
-            "the RevDEQ instead (fully_shard on the model that contains it gives the single-process gradients), "
-            "or use DistributedDataParallel")
+            f"{caller}: params holds DTensors (parameters sharded with FSDP2 or tensor parallelism), and f is not the "
+            "sharded nn.Module: FSDP2 computes with unsharded copies the solver cannot see from a closure, so these "
+            "parameters would get no gradient. Pass the sharded module as f (RevDEQ(cell) or "
+            "reversible_fixed_point(cell, x)): the solver then differentiates FSDP2's unsharded parameters and "
+            "reduce-scatters their gradients")
 
 
 def x_tensors(caller: str, x):
