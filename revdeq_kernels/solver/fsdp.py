@@ -107,3 +107,35 @@ class FsdpBridge:
 
     def is_sharded(self, t) -> bool:
         return id(t) in self._name_of
+
+
+@contextlib.contextmanager
+def unbridged_calls_refused(caller: str, bridge: "FsdpBridge | None"):
+    """Around f's first evaluation in a solve that will be differentiated: raise if f calls a module sharded
+    with FSDP2 that the solver does not bridge (a closure over it, torchdeq's ``func``, a Module f calling a
+    sharded module it does not own). FSDP2 would compute with unsharded parameters the solver cannot map to
+    their shards, and their gradients would be lost. Costs nothing unless torch.distributed is initialised."""
+    fsdp_module = fsdp_module_type()
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if fsdp_module is None or not distributed:
+        yield
+        return
+    bridged = {id(m) for _, m in bridge.modules} if bridge is not None else set()
+    called = []
+
+    def hook(module, args):
+        if isinstance(module, fsdp_module) and id(module) not in bridged:
+            called.append(type(module).__name__)
+
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+    if called:
+        raise NotImplementedError(
+            f"{caller}: f calls {', '.join(sorted(set(called)))} sharded with FSDP2 (fully_shard) from outside f's own "
+            "modules (a closure over it, or torchdeq's func): FSDP2 computes with unsharded parameters the solver "
+            "cannot map to their shards there, so their gradients would be lost. Pass the sharded module itself as "
+            "f (RevDEQ(cell), or reversible_fixed_point(cell, x) with cell(z, x)): the solver then differentiates "
+            "FSDP2's unsharded parameters and reduce-scatters their gradients")

@@ -41,6 +41,7 @@ import dataclasses
 import torch
 
 from ..ops.bound import BoundOps
+from . import fsdp
 from .exact_states import FixedStates
 from .info import SolverInfo
 from .layout import StateLayout
@@ -122,13 +123,15 @@ def forward(problem: Problem, info: SolverInfo, x, x_tensors, z0, declared=None,
 
     tape.record()
     if declared is None:
-        fz = problem.evaluate(states.show("z"), x, FIRST_EVALUATION)
+        with _unbridged_calls_refused(problem, keep_rng):
+            fz = problem.evaluate(states.show("z"), x, FIRST_EVALUATION)
     else:
         # The graph exists only for check_declared and is dropped right after: its saved tensors are
         # never used by a backward, so an outer saved-tensors hook (CPU offloading, a memory count) must
         # not see them; this inner hook takes them instead.
         with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(_kept, _kept), _capturing(problem):
-            fz = problem.evaluate(states.show("z"), x, FIRST_EVALUATION)
+            with _unbridged_calls_refused(problem, keep_rng):  # first: its error names the real cause
+                fz = problem.evaluate(states.show("z"), x, FIRST_EVALUATION)
             # Under FSDP2 f computes with the unsharded parameters standing in for the declared shards.
             check_declared(problem, fz, declared + (problem.fsdp.unsharded() if problem.fsdp else []))
         fz = problem.layout.detach(fz)
@@ -230,6 +233,13 @@ def _buffers_restored(f):
 def _capturing(problem: Problem):
     """Under FSDP2, note the unsharded parameters each evaluation of f computes with (solver/fsdp.py)."""
     return problem.fsdp.capturing() if problem.fsdp is not None else contextlib.nullcontext()
+
+
+def _unbridged_calls_refused(problem: Problem, backward_follows: bool):
+    """Refuse an f that calls FSDP2-sharded modules the solver cannot bridge, when a backward will follow."""
+    if not backward_follows:
+        return contextlib.nullcontext()
+    return fsdp.unbridged_calls_refused(problem.caller, problem.fsdp)
 
 
 def _gradient_for(problem: Problem, target: torch.Tensor, grad: torch.Tensor):

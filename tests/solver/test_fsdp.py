@@ -145,6 +145,28 @@ def _worker(rank, world, store_file, out_file):
             results["closure"] = "no error"
         except NotImplementedError as exc:
             results["closure"] = str(exc)
+        # A closure calling a sharded module (torchdeq's func is one) while a backward will follow: refused in
+        # the forward, since FSDP2's unsharded parameters cannot be mapped to their shards from there.
+        try:
+            xg = x.clone().requires_grad_()
+            rk.reversible_fixed_point(lambda z, x: cell(z, x), xg, max_steps=3, tol=None)
+            results["closure_call"] = "no error"
+        except NotImplementedError as exc:
+            results["closure_call"] = str(exc)
+        try:  # torchdeq's core takes func as a closure too
+            from torchdeq import get_deq
+
+            from revdeq_kernels.integrations import torchdeq as _registers_core  # noqa: F401
+            deq = get_deq(core="revdeq", f_max_iter=3, f_tol=None)
+            deq(lambda z: cell(z, xg), torch.zeros_like(x))
+            results["torchdeq"] = "no error"
+        except ImportError:
+            results["torchdeq"] = None
+        except NotImplementedError as exc:
+            results["torchdeq"] = str(exc)
+        with torch.no_grad():  # inference through the same closure needs no gradient: it runs
+            z, _ = rk.reversible_fixed_point(lambda z, x: cell(z, x), x, max_steps=3, tol=None)
+        results["closure_inference"] = bool(torch.isfinite(z).all())
         if rank == 0:
             torch.save(results, out_file)
         dist.barrier()
@@ -208,3 +230,12 @@ def test_single_process_reference_uses_every_parameter():
         for name, p in model.named_parameters():
             assert p.grad is not None and p.grad.abs().max() > 0, (config, name)
 
+
+
+@pytest.mark.slow
+def test_a_closure_calling_a_sharded_module_is_refused_when_a_backward_follows(fsdp_results):
+    message = fsdp_results["closure_call"]
+    assert "f calls FSDPTanhCell sharded with FSDP2" in message and "Pass the sharded module itself" in message, message
+    assert fsdp_results["closure_inference"] is True
+    if fsdp_results["torchdeq"] is not None:  # torchdeq installed (the test extra has it)
+        assert "f calls FSDPTanhCell sharded with FSDP2" in fsdp_results["torchdeq"], fsdp_results["torchdeq"]
