@@ -5,8 +5,10 @@
 The modules, from the top: function.py (the one torch.autograd.Function), loop.py (the forward
 iteration and the reversible backward, DESIGN section 1), problem.py (f, its inputs and the checks on
 its outputs and graph), options.py; the state representations states.py (float) and exact_states.py
-(int64 fixed point with a remainder tape), layout.py (tuple states), rng.py (RNG replay) and info.py
-(SolverInfo, DriftError). Imports point downward: nothing here is imported by ops/, backends/ or exact/.
+(int64 fixed point with a remainder tape), layout.py (tuple states), rng.py (RNG replay), info.py
+(SolverInfo, DriftError), step_rows.py (per-step rows) and fsdp.py (FSDP2 on f). The kernels are called
+through ops.bound (resolved once per solve). Imports point downward: nothing here is imported by ops/,
+backends/ or exact/.
 """
 
 import dataclasses
