@@ -94,7 +94,8 @@ def reversible_fixed_point(f, x, *, z0=None, beta=0.8, max_steps=30, tol=1e-3, p
     Args:
         f: callable ``f(z, x) -> Tensor`` shaped like ``z``, e.g. an ``nn.Module``; for a tuple state
             (below) ``z`` is a tuple and ``f`` returns a tuple (or list) of as many tensors. It may use
-            dropout (each evaluation's RNG state is replayed in the backward) and BatchNorm-style
+            dropout (each evaluation's RNG state is replayed in the backward; an f that draws no random
+            numbers in its first call is taken to draw none, and one that starts later raises) and BatchNorm-style
             buffers (restored after the backward's re-evaluations when ``f`` is an ``nn.Module``). An
             ``nn.Module`` ``f`` may be sharded with FSDP2 (``fully_shard`` on it or on modules inside it): its
             sharded parameters get FSDP2's gradients (averaged over the ranks; solver/fsdp.py).

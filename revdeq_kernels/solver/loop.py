@@ -119,7 +119,7 @@ def forward(problem: Problem, info: SolverInfo, x, x_tensors, z0, declared=None,
     # With a tolerance the rows grow with the steps taken (max_steps may be huge); without, all at once.
     history = StepRows(o.max_steps, (2,), states.residual_dtype, problem.device, grow=o.tol is not None)
     info.start_forward(history, states.status)
-    tape = RngTape([*x_tensors, states.z] if keep_rng else None)
+    tape = RngTape([*x_tensors, states.z] if keep_rng else None, problem.caller)
 
     tape.record()
     if declared is None:

@@ -59,3 +59,41 @@ def test_deterministic_f_keeps_no_rng_states():
     z, _ = rk.reversible_fixed_point(cell, x, beta=0.5, max_steps=4, tol=None)
     assert not z.grad_fn.tape.stochastic
     z.sum().backward()
+
+
+def test_deterministic_f_costs_no_rng_snapshot_per_step(monkeypatch):
+    # A snapshot copies the CPU generator (5 KB); once the first evaluation drew nothing, no more are taken.
+    from revdeq_kernels.solver import rng
+
+    taken = {"n": 0}
+    real = rng.RngTape._snapshot
+
+    def counting(self):
+        taken["n"] += 1
+        return real(self)
+
+    monkeypatch.setattr(rng.RngTape, "_snapshot", counting)
+    cell, x, _ = _dropout_case("cpu")
+    cell.eval()
+    z, _ = rk.reversible_fixed_point(cell, x, beta=0.5, max_steps=20, tol=None)
+    assert taken["n"] <= 3, f"{taken['n']} RNG snapshots for 41 evaluations of a deterministic f"
+    z.sum().backward()
+    assert x.grad is not None
+
+
+def test_f_that_starts_drawing_after_its_first_call_is_refused_in_the_forward():
+    # Its later randomness was not recorded, so the backward could not replay it: an error, not a wrong gradient.
+    cell, x, _ = _dropout_case("cpu")
+    calls = {"n": 0}
+
+    def f(z, x):
+        calls["n"] += 1
+        out = cell(z, x)
+        return torch.nn.functional.dropout(out, 0.3) if calls["n"] > 1 else out
+
+    cell.eval()
+    with pytest.raises(RuntimeError, match=r"drew random numbers in a later evaluation but not in its first"):
+        rk.reversible_fixed_point(f, x, params=list(cell.parameters()), beta=0.5, max_steps=4, tol=None)
+    # Without a backward to follow there is nothing to replay: the same f runs.
+    with torch.no_grad():
+        rk.reversible_fixed_point(f, x, params=list(cell.parameters()), beta=0.5, max_steps=4, tol=None)
