@@ -176,12 +176,32 @@ inline void run_residual(const Z* z, const F* f, int64_t begin, int64_t end, dou
   residual_range(z, f, begin, end, diff_sq, f_sq);
 }
 
+// The two double sums rounded once to the residual's `dtype` (float64 or float32), into `out`, a (2,) CPU
+// tensor of that dtype or float64 (then the float32 values widened exactly: the same numbers either way).
+inline void write_sums(const double (&sums)[2], at::ScalarType dtype, const at::Tensor& out) {
+  for (int k = 0; k < 2; ++k) {
+    const double value = dtype == at::kDouble ? sums[k] : static_cast<double>(static_cast<float>(sums[k]));
+    if (out.scalar_type() == at::kDouble) {
+      out.data_ptr<double>()[k] = value;
+    } else {
+      out.data_ptr<float>()[k] = static_cast<float>(value);
+    }
+  }
+}
+
 // The residual ops' result: the two double sums as a (2,) tensor of `dtype` with `options`' device.
 inline at::Tensor sums_tensor(const double (&sums)[2], const at::TensorOptions& options, at::ScalarType dtype) {
-  at::Tensor out = at::empty({2}, options.dtype(at::kDouble));
-  out.data_ptr<double>()[0] = sums[0];
-  out.data_ptr<double>()[1] = sums[1];
-  return out.to(dtype);
+  at::Tensor out = at::empty({2}, options.dtype(dtype));
+  write_sums(sums, dtype, out);
+  return out;
+}
+
+// The out tensor of the residual_out_ ops: contiguous, (2,), on the CPU, float64 or the residual's dtype.
+inline void check_sums_out(const char* op, const at::Tensor& out, at::ScalarType dtype) {
+  TORCH_CHECK(out.device().is_cpu() && out.dim() == 1 && out.numel() == 2 && out.is_contiguous() &&
+                  (out.scalar_type() == dtype || out.scalar_type() == at::kDouble),
+              op, ": out must be a contiguous CPU tensor of shape (2,) and dtype ", dtype,
+              " or float64, got shape ", out.sizes(), ", dtype ", out.scalar_type(), " on ", out.device());
 }
 
 }  // namespace revdeq::cpu

@@ -73,7 +73,7 @@ void multi_affine_cpu(at::TensorList states, at::TensorList f_vals, double beta)
 // Each tensor is cut into the same fixed chunks as the single-tensor residual and its chunk sums are
 // added in order, then the tensors' sums are added in order: the result depends on the inputs only
 // (not on the thread count), and each tensor's share is bitwise what residual computes for it.
-at::Tensor multi_residual_cpu(at::TensorList zs, at::TensorList fzs) {
+void multi_residual_sums(at::TensorList zs, at::TensorList fzs, double (&sums)[2]) {
   check_multi_residual(zs, fzs, c10::DeviceType::CPU);
   const FlatPairs flat = flatten_pairs(zs, fzs);
   const size_t count = flat.primary.size();
@@ -101,7 +101,7 @@ at::Tensor multi_residual_cpu(at::TensorList zs, at::TensorList fzs) {
              &partial[2 * c], &partial[2 * c + 1]);
     }
   });
-  double sums[2] = {0.0, 0.0};
+  sums[0] = sums[1] = 0.0;
   for (size_t k = 0; k < count; ++k) {
     double tensor_sums[2] = {0.0, 0.0};
     for (int64_t c = chunk_offsets[k]; c < chunk_offsets[k + 1]; ++c) {
@@ -111,7 +111,19 @@ at::Tensor multi_residual_cpu(at::TensorList zs, at::TensorList fzs) {
     sums[0] += tensor_sums[0];
     sums[1] += tensor_sums[1];
   }
+}
+
+at::Tensor multi_residual_cpu(at::TensorList zs, at::TensorList fzs) {
+  double sums[2] = {0.0, 0.0};
+  multi_residual_sums(zs, fzs, sums);
   return cpu::sums_tensor(sums, zs[0].options(), multi_residual_dtype(zs));
+}
+
+void multi_residual_out_cpu(at::TensorList zs, at::TensorList fzs, const at::Tensor& out) {
+  double sums[2] = {0.0, 0.0};
+  multi_residual_sums(zs, fzs, sums);
+  cpu::check_sums_out("multi_residual_out_", out, multi_residual_dtype(zs));
+  cpu::write_sums(sums, multi_residual_dtype(zs), out);
 }
 
 }  // namespace
@@ -120,6 +132,7 @@ TORCH_LIBRARY_IMPL(revdeq, CPU, m) {
   m.impl("multi_relax_", &multi_affine_cpu<false>);
   m.impl("multi_unrelax_", &multi_affine_cpu<true>);
   m.impl("multi_residual", &multi_residual_cpu);
+  m.impl("multi_residual_out_", &multi_residual_out_cpu);
 }
 
 }  // namespace revdeq

@@ -59,9 +59,8 @@ void affine_update_cpu(const at::Tensor& state, const at::Tensor& f_val, double 
   });
 }
 
-at::Tensor residual_cpu(const at::Tensor& z, const at::Tensor& fz) {
+void residual_sums(const at::Tensor& z, const at::Tensor& fz, double (&sums)[2]) {
   check_residual(z, fz, c10::DeviceType::CPU);
-  double sums[2] = {0.0, 0.0};
   if (z.numel() > 0) {
     with_flat_layout(z, fz, /*write_back=*/false, [&](const at::Tensor& zf, const at::Tensor& ff) {
       dispatch_pair(zf.scalar_type(), ff.scalar_type(), "residual", [&](auto z_tag, auto f_tag) {
@@ -71,7 +70,20 @@ at::Tensor residual_cpu(const at::Tensor& z, const at::Tensor& fz) {
       });
     });
   }
+}
+
+at::Tensor residual_cpu(const at::Tensor& z, const at::Tensor& fz) {
+  double sums[2] = {0.0, 0.0};
+  residual_sums(z, fz, sums);
   return cpu::sums_tensor(sums, z.options(), residual_dtype(z));
+}
+
+// residual into a given (2,) tensor: what the solver writes into its per-step rows, with no allocation.
+void residual_out_cpu(const at::Tensor& z, const at::Tensor& fz, const at::Tensor& out) {
+  double sums[2] = {0.0, 0.0};
+  residual_sums(z, fz, sums);
+  cpu::check_sums_out("residual_out_", out, residual_dtype(z));
+  cpu::write_sums(sums, residual_dtype(z), out);
 }
 
 }  // namespace
@@ -80,6 +92,7 @@ TORCH_LIBRARY_IMPL(revdeq, CPU, m) {
   m.impl("relax_", &affine_update_cpu<false>);
   m.impl("unrelax_", &affine_update_cpu<true>);
   m.impl("residual", &residual_cpu);
+  m.impl("residual_out_", &residual_out_cpu);
 }
 
 }  // namespace revdeq

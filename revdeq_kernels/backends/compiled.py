@@ -47,6 +47,12 @@ def _has_kernel(op: str, key: str) -> bool:
         return False
 
 
+def has_kernel(op: str, device_type: str) -> bool:
+    """Whether _C registered a kernel for ``revdeq::<op>`` for ``device_type`` tensors (ops outside the families,
+    such as residual_out_, which only the C++ CPU kernels have)."""
+    return _C is not None and device_type in _DISPATCH_KEYS and _has_kernel(op, _DISPATCH_KEYS[device_type])
+
+
 def _has_kernels(family: str, device_type: str) -> bool:
     key = _DISPATCH_KEYS[device_type]
     return all(_has_kernel(op, key) for op in _FAMILY_OPS[family])

@@ -118,3 +118,15 @@ def unrelax_fixed_(state, f_val, remainder, status, p: int, m: int, frac_bits: i
     _flag(status, FixedStatus.F_OUT_OF_RANGE, finite & ~f_ok)
     _flag(status, FixedStatus.STATE_OUT_OF_RANGE, f_ok & ~y_ok)
     _flag(status, FixedStatus.INVERSE_MISMATCH, ok & ~ok_out)
+
+
+# The residuals into a given tensor (the solver's per-step rows): what the C++ kernels do without
+# allocating; the oracle computes it the plain way.
+
+
+def residual_out_(z: torch.Tensor, fz: torch.Tensor, out: torch.Tensor) -> None:
+    out.copy_(residual(z, fz))
+
+
+def multi_residual_out_(zs: list, fzs: list, out: torch.Tensor) -> None:
+    out.copy_(multi_residual(zs, fzs))

@@ -8,10 +8,14 @@ outputs after checking their shape, dtype and device, so those checks can only r
 check their arguments in C++.
 """
 
+import os
+
 import torch
 
-from . import SEQUENCES, _backend_for
+from . import SEQUENCES, _backend_for, _backend_name
 from .dtypes import multi_residual_dtype, residual_dtype
+
+_UNRESOLVED = object()
 
 
 class BoundOps:
@@ -27,6 +31,7 @@ class BoundOps:
     def __init__(self, device: torch.device, backend: str | None):
         self.device, self.backend = device, backend
         self._kernels = {}
+        self._out_kernels = {}
 
     def _kernel(self, op: str, family: str, name: str):
         kernel = self._kernels.get(name)
@@ -67,3 +72,31 @@ class BoundOps:
         if not z.numel():
             return torch.zeros(2, dtype=residual_dtype(z.dtype), device=self.device)
         return self._kernel("residual", "float", "residual")(z, fz)
+
+    def residual_into(self, z, fz, out: torch.Tensor) -> None:
+        """:meth:`residual` written into ``out`` (shape (2,), float64 or the residual's dtype: a row of the
+        solver's per-step records), allocating nothing where the backend has residual_out_ kernels (C++ CPU,
+        reference); elsewhere it is computed and copied."""
+        multi = isinstance(z, SEQUENCES)
+        kernel = self._out_kernel("multi_residual_out_" if multi else "residual_out_", "multi" if multi else "float")
+        if kernel is None or not any(t.numel() for t in (z if multi else (z,))):
+            out.copy_(self.residual(z, fz))
+        elif multi:
+            kernel(list(z), list(fz), out)
+        else:
+            kernel(z, fz, out)
+
+    def _out_kernel(self, name: str, family: str):
+        kernel = self._out_kernels.get(name, _UNRESOLVED)
+        if kernel is _UNRESOLVED:
+            from ..backends import compiled, reference
+
+            requested = self.backend or os.environ.get("REVDEQ_BACKEND") or "auto"
+            chosen = _backend_name("residual", self.device.type, requested, family)
+            kernel = None
+            if chosen == "reference":
+                kernel = getattr(reference, name)
+            elif chosen == "cpp" and compiled.has_kernel(name, self.device.type):
+                kernel = getattr(torch.ops.revdeq, name)
+            self._out_kernels[name] = kernel
+        return kernel

@@ -11,6 +11,7 @@ so a direct call on meta tensors, or a trace by torch.compile, refuses what a re
     relax_fixed_ / unrelax_fixed_(state, f_val, remainder, status, p, m, frac_bits)   exact mode
     multi_relax_ / multi_unrelax_(Tensor(a!)[] states, Tensor[] f_vals, float beta)   tuple states
     multi_residual(Tensor[] zs, Tensor[] fzs) -> Tensor
+    residual_out_ / multi_residual_out_(..., Tensor(a!) out)        the same into out, allocating nothing
 
 Imports only torch and the leaf modules of ops/.
 """
@@ -44,6 +45,10 @@ SCHEMAS = {
     "multi_unrelax_": "(Tensor(a!)[] states, Tensor[] f_vals, float beta) -> ()",
     # [sum_i sum((zs[i] - fzs[i])^2), sum_i sum(fzs[i]^2)]; float64 when any z is float64, else float32.
     "multi_residual": "(Tensor[] zs, Tensor[] fzs) -> Tensor",
+    # residual and multi_residual into a given (2,) tensor (float64 or their result dtype), allocating nothing:
+    # what the solver writes into its per-step rows. Only the C++ CPU kernels and the reference have them.
+    "residual_out_": "(Tensor z, Tensor fz, Tensor(a!) out) -> ()",
+    "multi_residual_out_": "(Tensor[] zs, Tensor[] fzs, Tensor(a!) out) -> ()",
 }
 
 
@@ -78,6 +83,26 @@ def multi_residual_fake(op: str):
     return fake
 
 
+def _check_sums_out(op: str, out, dtype) -> None:
+    if out.shape != (2,) or out.dtype not in (dtype, torch.float64):
+        raise ValueError(f"{op}: out must have shape (2,) and dtype {dtype} or torch.float64, got shape "
+                         f"{tuple(out.shape)} and dtype {out.dtype}")
+
+
+def residual_out_fake(op: str):
+    def fake(z, fz, out):
+        checks.check_pair(op, "z", z, "fz", fz)
+        _check_sums_out(op, out, residual_dtype(z.dtype))
+    return fake
+
+
+def multi_residual_out_fake(op: str):
+    def fake(zs, fzs, out):
+        checks.check_lists(op, "zs", zs, "fzs", fzs)
+        _check_sums_out(op, out, multi_residual_dtype(zs))
+    return fake
+
+
 def fixed_fake(op: str):
     def fake(state, f_val, remainder, status, p, m, frac_bits):
         checks.check_fixed(op, state, f_val, remainder, status, (p, m), frac_bits)
@@ -88,6 +113,7 @@ _FAKES = {
     "relax_": pointwise_fake, "unrelax_": pointwise_fake, "residual": residual_fake,
     "relax_fixed_": fixed_fake, "unrelax_fixed_": fixed_fake,
     "multi_relax_": multi_pointwise_fake, "multi_unrelax_": multi_pointwise_fake, "multi_residual": multi_residual_fake,
+    "residual_out_": residual_out_fake, "multi_residual_out_": multi_residual_out_fake,
 }
 
 # Kept for the life of the process: the ops exist as long as this library object does.

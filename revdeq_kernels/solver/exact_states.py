@@ -171,6 +171,7 @@ class FixedStates:
         self._values, self._fresh = {}, set()  # which -> float64 value buffer; the states it is current for
         self._shown = {}  # which -> (compute-dtype buffer, its members): show's reused casts
         self._f_range_flag = int(exact.FixedStatus.F_OUT_OF_RANGE)
+        self._range_buffers = {}  # f's dtype -> the range check's kept scalars
 
     @classmethod
     def start(cls, start, layout: StateLayout, beta, frac_bits, backend, max_steps, first_steps,
@@ -267,8 +268,8 @@ class FixedStates:
             self._fresh.add(which)
         return cached
 
-    def residual(self, fz) -> torch.Tensor:
-        """[||z - fz||^2, ||fz||^2] over all members in float64 on the device, with z's exact float64 value.
+    def residual_into(self, fz, out: torch.Tensor) -> None:
+        """[||z - fz||^2, ||fz||^2] over all members in float64 into ``out``, with z's exact float64 value.
 
         In the forward it also flags an ``fz`` outside the range in the row of the step that evaluated
         it (the next step's relaxation would flag it only there), as a non-finite ``fz`` shows in the
@@ -277,15 +278,35 @@ class FixedStates:
         layout = self.layout
         members = [m.detach() for m in layout.split(fz) if m.numel()]
         if self.forward and members:
-            largest = members[0].abs().amax()
-            for m in members[1:]:
-                largest = torch.maximum(largest.to(torch.float64), m.abs().amax().to(torch.float64))
-            # |f| * 2^F > LIMIT, as |f| > 2^(53 - F): a power of two, so the comparison is exact in f's own dtype
-            # (no cast per step); NaN and Inf compare False here (the residual shows them).
-            too_big = (largest > math.ldexp(float(exact.LIMIT), -self.frac_bits)) & (largest != math.inf)
             step = self.remainders.used // 2  # called after the step's two half-steps (0: f(z0))
-            self.status.data.select(0, step).bitwise_or_(too_big.to(torch.int32).mul_(self._f_range_flag))
-        return self.ops.residual(layout.members(self._value("z")), layout.detach(fz))
+            self.status.data.select(0, step).bitwise_or_(self._f_range_flags(members))
+        self.ops.residual_into(layout.members(self._value("z")), layout.detach(fz), out)
+
+    def _f_range_flags(self, members) -> torch.Tensor:
+        """F_OUT_OF_RANGE (int32, 0-dim) if a finite value of f is beyond the range, else 0; with one member,
+        into buffers kept per dtype (no allocation per step)."""
+        # |f| * 2^F > LIMIT, as |f| > 2^(53 - F): a power of two, so the comparison is exact in f's own dtype
+        # (no cast per step); NaN and Inf compare False here (the residual shows them).
+        threshold = math.ldexp(float(exact.LIMIT), -self.frac_bits)
+        if len(members) > 1:
+            largest = torch.stack([m.abs().amax().to(torch.float64) for m in members]).amax()
+            too_big = (largest > threshold) & (largest != math.inf)
+            return too_big.to(torch.int32).mul_(self._f_range_flag)
+        m = members[0]
+        kept = self._range_buffers.get(m.dtype)
+        if kept is None:
+            kept = self._range_buffers[m.dtype] = (
+                m.new_empty(()), torch.empty((), dtype=torch.bool, device=m.device),
+                torch.empty((), dtype=torch.bool, device=m.device),
+                torch.tensor(self._f_range_flag, dtype=torch.int32, device=m.device),
+                torch.zeros((), dtype=torch.int32, device=m.device),
+                torch.empty((), dtype=torch.int32, device=m.device))
+        largest, too_big, finite, flag, zero, flags = kept
+        torch.linalg.vector_norm(m, ord=math.inf, out=largest)  # max |f|, without an |f| temporary
+        torch.gt(largest, threshold, out=too_big)
+        torch.ne(largest, math.inf, out=finite)
+        too_big.logical_and_(finite)
+        return torch.where(too_big, flag, zero, out=flags)
 
     def output(self):
         """z's value in the compute dtypes, each member a fresh tensor of its own."""

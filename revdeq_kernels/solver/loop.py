@@ -135,7 +135,7 @@ def forward(problem: Problem, info: SolverInfo, x, x_tensors, z0, declared=None,
             # Under FSDP2 f computes with the unsharded parameters standing in for the declared shards.
             check_declared(problem, fz, declared + (problem.fsdp.unsharded() if problem.fsdp else []))
         fz = problem.layout.detach(fz)
-    history[0] = states.residual(fz)
+    states.residual_into(fz, history.row(0))
     steps = 0
     for n in range(1, o.max_steps + 1):
         where = f"forward pass, step {n}"
@@ -152,7 +152,7 @@ def forward(problem: Problem, info: SolverInfo, x, x_tensors, z0, declared=None,
         del fy
         tape.record()
         fz = problem.evaluate(states.show("z"), x, where)
-        history[n] = states.residual(fz)
+        states.residual_into(fz, history.row(n))
         steps = n
         if o.tol is not None and problem.device.type == "meta":
             break  # shape inference (meta tensors hold no values): one step shows f every shape it will see
@@ -196,13 +196,33 @@ class _GradSink:
                 self.sums[slot] += g
 
 
-def _vjp(layout: StateLayout, out, z_in, cotangent: torch.Tensor, sink: _GradSink):
+class _CotangentCasts:
+    """The adjoints cast to f's output dtypes for autograd.grad, into buffers kept for the whole backward (no
+    allocation per step when the members share one dtype). Each cast is read only by the vjp it is made for."""
+
+    def __init__(self, layout: StateLayout):
+        self.layout, self._kept = layout, {}
+
+    def __call__(self, buffer: torch.Tensor, dtypes: list) -> tuple:
+        layout = self.layout
+        if len(set(dtypes)) != 1 or dtypes[0] == buffer.dtype:
+            return layout.split(layout.cast(buffer, dtypes))
+        kept = self._kept.get((id(buffer), dtypes[0]))
+        if kept is None:
+            cast = buffer.detach().to(dtypes[0])
+            kept = self._kept[(id(buffer), dtypes[0])] = (cast, layout.members(cast))
+        else:
+            kept[0].copy_(buffer)
+        return layout.split(kept[1])
+
+
+def _vjp(layout: StateLayout, out, z_in, cotangent: torch.Tensor, sink: _GradSink, casts: _CotangentCasts):
     """cotangent^T df/dz at this evaluation; adds cotangent^T df/d(x, params) to ``sink``.
 
     ``out`` and ``z_in`` are structured like the state (a tensor, or a tuple of members: then one
     autograd.grad over all of them); ``cotangent`` is an adjoint buffer. Returns structured like z."""
     outs, ins = layout.split(out), layout.split(z_in)
-    cotangents = layout.split(layout.cast(cotangent, [t.dtype for t in outs]))
+    cotangents = casts(cotangent, [t.dtype for t in outs])
     # Members f computes from nothing that requires grad have no graph and contribute nothing.
     live = [(t, c) for t, c in zip(outs, cotangents) if t.requires_grad]
     grads = [None] * len(ins)
@@ -313,6 +333,7 @@ def backward(problem: Problem, info: SolverInfo, states: FloatStates | FixedStat
     hy = torch.zeros_like(hz)
     hz_members, hy_members = layout.members(hz), layout.members(hy)
     kernels = BoundOps(problem.device, o.backend)
+    casts = _CotangentCasts(layout)
     # Row n: residual(z[n-1], f(z[n-1])) and residual(hz, b) at step n; row 0 holds the drift.
     # Both are NaN-propagating, so a non-finite f, vjp or reconstruction shows up at its step.
     evidence = torch.empty(steps + 1, 4, dtype=torch.float64, device=problem.device)
@@ -345,7 +366,7 @@ def backward(problem: Problem, info: SolverInfo, states: FloatStates | FixedStat
                 if problem.check_closures:
                     check_partial(problem, fy, sink.wrt())
             states.unrelax_("z", fy)  # z[n-1]
-            a = _vjp(layout, fy, y_in, hz, sink)
+            a = _vjp(layout, fy, y_in, hz, sink, casts)
             del fy, y_in
             kernels.relax_(hy_members, a, beta)
             del a
@@ -355,10 +376,10 @@ def backward(problem: Problem, info: SolverInfo, states: FloatStates | FixedStat
                 z_in = states.show_for_grad("z")
                 fz = problem.evaluate(z_in, x, where)
             states.unrelax_("y", fz)  # y[n-1] (at n = 1 only for the drift)
-            state_rows[n].copy_(states.residual(fz))
-            b = _vjp(layout, fz, z_in, hy, sink)
+            states.residual_into(fz, state_rows[n])
+            b = _vjp(layout, fz, z_in, hy, sink, casts)
             del fz, z_in
-            adjoint_rows[n].copy_(kernels.residual(hz_members, b))
+            kernels.residual_into(hz_members, b, adjoint_rows[n])
             kernels.relax_(hz_members, b, beta)
             del b
 

@@ -116,9 +116,10 @@ class FloatStates:
     def unrelax_(self, which: str, f_val) -> None:
         self.ops.unrelax_(self._members[which], self.layout.detach(f_val), self.beta)
 
-    def residual(self, fz) -> torch.Tensor:
-        """[||z - fz||^2, ||fz||^2] over all members on the device, float64 for float64 states."""
-        return self.ops.residual(self._members["z"], self.layout.detach(fz))
+    def residual_into(self, fz, out: torch.Tensor) -> None:
+        """[||z - fz||^2, ||fz||^2] over all members into ``out`` (a (2,) row of float64 or
+        :attr:`residual_dtype`) on the device."""
+        self.ops.residual_into(self._members["z"], self.layout.detach(fz), out)
 
     def output(self):
         """z in the compute dtypes, each member a fresh tensor: the states keep changing in the backward."""

@@ -32,6 +32,10 @@ class StepRows:
             grown[:len(self.data)] = self.data
             self.data = grown
 
+    def row(self, index: int) -> torch.Tensor:
+        """Row ``index`` as a view, for an op to write into (after :meth:`ensure`)."""
+        return self.data.select(0, index)
+
     def __getitem__(self, index):
         return self.data[index]
 

@@ -89,3 +89,27 @@ def test_the_solver_runs_no_public_op_checks_per_step(monkeypatch):
     z.sum().backward()
     assert calls["n"] == 0
     assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("state_dtype", [torch.float64, torch.float32])
+def test_residual_into_writes_the_residual_without_allocating_a_result(backend, state_dtype):
+    bound = BoundOps(torch.device("cpu"), backend)
+    z, fz = _pair((9, 13), state_dtype, torch.float32, seed=3)
+    for out_dtype in {state_dtype, torch.float64}:  # a row of the solver's history, or of its float64 evidence
+        for zs, fs in ((z, fz), ([z, z[:3]], [fz, fz[:3]])):
+            out = torch.full((2,), float("nan"), dtype=out_dtype)
+            bound.residual_into(zs, fs, out)
+            assert torch.equal(out, bound.residual(zs, fs).to(out_dtype)), (backend, out_dtype)
+
+
+def test_residual_out_op_checks_its_out_argument():
+    pytest.importorskip("revdeq_kernels._C", reason="the C++ kernels are not built")
+    from revdeq_kernels.backends import compiled
+
+    assert compiled.has_kernel("residual_out_", "cpu") and compiled.has_kernel("multi_residual_out_", "cpu")
+    z, fz = torch.randn(10, dtype=torch.float64), torch.randn(10)
+    for bad in (torch.empty(3, dtype=torch.float64), torch.empty(2, dtype=torch.float16),
+                torch.empty(4, dtype=torch.float64)[::2]):
+        with pytest.raises(RuntimeError, match=r"residual_out_: out must be a contiguous CPU tensor of shape \(2,\)"):
+            torch.ops.revdeq.residual_out_(z, fz, bad)
