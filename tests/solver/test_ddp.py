@@ -7,14 +7,12 @@ gradients of one process on the whole batch.
 
 
 import datetime
-import time
 
-import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import revdeq_kernels as rk
+from helpers.distributed import run_two_processes
 from helpers.solver_cases import (
     TanhCell,
     randn,
@@ -52,14 +50,7 @@ def _worker(rank, world, store_file, out_file):
 
 def test_ddp_gradients_equal_single_process_gradients(tmp_path):
     out_file = str(tmp_path / "grads.pt")
-    context = mp.start_processes(_worker, args=(2, str(tmp_path / "store"), out_file), nprocs=2, join=False,
-                                 start_method="spawn")
-    deadline = time.monotonic() + 240
-    while not context.join(timeout=1):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail("the two DDP processes did not finish within 240 s")
+    run_two_processes(_worker, (2, str(tmp_path / "store"), out_file), "DDP", 240)
     ddp_grads = torch.load(out_file)
 
     model = _model()

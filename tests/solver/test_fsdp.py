@@ -8,14 +8,13 @@ exact, so the tolerance is rounding (1e-12).
 """
 
 import datetime
-import time
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import revdeq_kernels as rk
+from helpers.distributed import run_two_processes
 from helpers.solver_cases import (
     TanhCell,
     randn,
@@ -178,14 +177,7 @@ def _worker(rank, world, store_file, out_file):
 def fsdp_results(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("fsdp")
     out_file = str(tmp / "results.pt")
-    context = mp.start_processes(_worker, args=(2, str(tmp / "store"), out_file), nprocs=2, join=False,
-                                 start_method="spawn")
-    deadline = time.monotonic() + 300
-    while not context.join(timeout=1):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail("the two FSDP2 processes did not finish within 300 s")
+    run_two_processes(_worker, (2, str(tmp / "store"), out_file), "FSDP2", 300)
     return torch.load(out_file, weights_only=False)
 
 
