@@ -20,7 +20,7 @@ from .fsdp import FsdpBridge, sharded_modules
 from .function import ReversibleFixedPoint
 from .info import DriftError, SolverInfo
 from .options import SolverOptions
-from .problem import Problem, check_params_not_sharded, params_of, state_layout, x_tensors
+from .problem import Problem, params_of, state_layout, x_tensors
 
 __all__ = ["DriftError", "SolverInfo", "SolverOptions", "reversible_fixed_point", "solve"]
 
@@ -53,8 +53,6 @@ def solve(f, x, *, z0=None, params=None, options: SolverOptions, caller: str = "
     x_kind, inputs = x_tensors(caller, x)
     layout = state_layout(caller, inputs, z0, options)
     params = params_of(caller, f, params, inputs)
-    if fsdp is None:
-        check_params_not_sharded(caller, params)
     # A closure, and a Module too (a tensor attribute that requires grad, an encoder's output stored
     # on it), may use tensors that require grad but are not among the inputs: they would get no gradient.
     check_closures = torch.is_grad_enabled()

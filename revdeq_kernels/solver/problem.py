@@ -238,20 +238,6 @@ def check_partial(problem: Problem, out, inputs) -> None:
 # The caller's arguments, normalised (solver/__init__.py builds a Problem from them).
 
 
-def check_params_not_sharded(caller: str, params) -> None:
-    """Refuse DTensor params handed over by a closure f: FSDP2 computes with unsharded copies of them, which
-    the solver can only track when f is the sharded Module itself (solver/fsdp.py)."""
-    from .fsdp import _is_dtensor
-
-    if any(_is_dtensor(p) for p in params):
-        raise NotImplementedError(
-            f"{caller}: params holds DTensors (parameters sharded with FSDP2 or tensor parallelism), and f is not the "
-            "sharded nn.Module: FSDP2 computes with unsharded copies the solver cannot see from a closure, so these "
-            "parameters would get no gradient. Pass the sharded module as f (RevDEQ(cell) or "
-            "reversible_fixed_point(cell, x)): the solver then differentiates FSDP2's unsharded parameters and "
-            "reduce-scatters their gradients")
-
-
 def x_tensors(caller: str, x):
     """(kind, tensors) for x: one tensor, or a tuple/list of tensors."""
     if isinstance(x, torch.Tensor):

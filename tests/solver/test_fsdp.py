@@ -208,9 +208,10 @@ def test_fsdp2_gradients_equal_single_process_gradients(fsdp_results, config):
 
 
 @pytest.mark.slow
-def test_a_closure_over_sharded_parameters_is_refused(fsdp_results):
+def test_a_closure_given_the_sharded_parameters_is_refused(fsdp_results):
+    # Passing FSDP2's shards as params does not help a closure: f still computes with the unsharded copies.
     message = fsdp_results["closure"]
-    assert "params holds DTensors" in message and "Pass the sharded module as f" in message, message
+    assert "f calls FSDPTanhCell sharded with FSDP2" in message and "Pass the sharded module itself" in message, message
 
 
 def test_single_process_reference_uses_every_parameter():
