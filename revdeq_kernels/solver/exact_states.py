@@ -168,7 +168,7 @@ class FixedStates:
         self.backend = backend
         self.ops = BoundOps(y.device, backend)  # resolved once: no per-call checks or lookup (ops/bound.py)
         self.forward = forward
-        self._values, self._fresh = {}, set()  # which -> float64 value buffer; the states it is current for
+        self._values, self._fresh = {}, set()  # which -> (float64 value, members); the states it is current for
         self._shown = {}  # which -> (compute-dtype buffer, its members): show's reused casts
         self._f_range_flag = int(exact.FixedStatus.F_OUT_OF_RANGE)
         self._range_buffers = {}  # f's dtype -> the range check's kept scalars
@@ -215,19 +215,16 @@ class FixedStates:
         dtype = layout.common_dtype
         if dtype is None or dtype == torch.float64:
             return layout.cast(self._value(which))
-        shown = self._shown.get(which)
-        if shown is None:
-            cast = torch.empty(getattr(self, which).shape, dtype=dtype, device=self.z.device)
-            shown = self._shown[which] = (cast, layout.members(cast))
+        cast, members = layout.kept_buffer(self._shown, which, dtype)
         if which == "z" or dtype != torch.float32:
-            shown[0].copy_(self._value(which))  # z's float64 value is needed anyway, for the residual
+            cast.copy_(self._value(which))  # z's float64 value is needed anyway, for the residual
         else:
             # y's float64 value is never needed: int64 -> float32 rounds once (|state| <= 2^53 converts
             # exactly through float64 too), and the power of two 2^-F scales without rounding (the smallest
             # value, 2^-52, is a normal float32), so these are the bits of the float64 route, in two passes
             # over 12 bytes per element instead of three over 44.
-            shown[0].copy_(self.y).mul_(math.ldexp(1.0, -self.frac_bits))
-        return shown[1]
+            cast.copy_(self.y).mul_(math.ldexp(1.0, -self.frac_bits))
+        return members
 
     def show_for_grad(self, which: str):
         return self.layout.leaves(self.show(which))
@@ -257,16 +254,11 @@ class FixedStates:
     def _value(self, which: str) -> torch.Tensor:
         """The state's exact float64 value, in a buffer kept per state and refreshed only after the state
         changed: the forward's f(z) and residual, and the backward's, read the same z."""
-        cached = self._values.get(which)
-        if cached is None:
-            state = getattr(self, which)
-            cached = self._values[which] = torch.empty(state.shape, dtype=torch.float64, device=state.device)
-            cached.copy_(state).mul_(math.ldexp(1.0, -self.frac_bits))  # both exact: |state| <= 2^53, a power of 2
+        value, _ = self.layout.kept_buffer(self._values, which, torch.float64)
+        if which not in self._fresh:
+            value.copy_(getattr(self, which)).mul_(math.ldexp(1.0, -self.frac_bits))  # exact: |state| <= 2^53
             self._fresh.add(which)
-        elif which not in self._fresh:
-            cached.copy_(getattr(self, which)).mul_(math.ldexp(1.0, -self.frac_bits))
-            self._fresh.add(which)
-        return cached
+        return value
 
     def residual_into(self, fz, out: torch.Tensor) -> None:
         """[||z - fz||^2, ||fz||^2] over all members in float64 into ``out``, with z's exact float64 value.

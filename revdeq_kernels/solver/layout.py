@@ -94,6 +94,15 @@ class StateLayout:
         product)."""
         return self.join([v.detach().requires_grad_() for v in self.split(value)])
 
+    def kept_buffer(self, kept: dict, key, dtype) -> tuple:
+        """``(buffer, its members)`` of ``dtype`` kept in ``kept[key]``, allocated on the first call only: where
+        the solver writes a cast at every step (f's input, the adjoints for autograd) without allocating."""
+        entry = kept.get(key)
+        if entry is None:
+            buffer = torch.empty(self.buffer_shape, dtype=dtype, device=self.device)
+            entry = kept[key] = (buffer, self.members(buffer))
+        return entry
+
     def gather(self, value, dtype) -> torch.Tensor:
         """A new buffer of ``dtype`` holding a structured value (one copy per member)."""
         buffer = torch.empty(self.buffer_shape, dtype=dtype, device=self.device)  # the members cover it

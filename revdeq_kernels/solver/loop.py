@@ -207,13 +207,9 @@ class _CotangentCasts:
         layout = self.layout
         if len(set(dtypes)) != 1 or dtypes[0] == buffer.dtype:
             return layout.split(layout.cast(buffer, dtypes))
-        kept = self._kept.get((id(buffer), dtypes[0]))
-        if kept is None:
-            cast = buffer.detach().to(dtypes[0])
-            kept = self._kept[(id(buffer), dtypes[0])] = (cast, layout.members(cast))
-        else:
-            kept[0].copy_(buffer)
-        return layout.split(kept[1])
+        cast, members = layout.kept_buffer(self._kept, (id(buffer), dtypes[0]), dtypes[0])
+        cast.copy_(buffer)
+        return layout.split(members)
 
 
 def _vjp(layout: StateLayout, out, z_in, cotangent: torch.Tensor, sink: _GradSink, casts: _CotangentCasts):

@@ -85,13 +85,9 @@ class FloatStates:
         dtype = self.layout.common_dtype
         if dtype is None or dtype == buffer.dtype:
             return self.layout.cast(buffer)
-        shown = self._shown.get(which)
-        if shown is None:
-            cast = buffer.to(dtype)
-            shown = self._shown[which] = (cast, self.layout.members(cast))
-        else:
-            shown[0].copy_(buffer)
-        return shown[1]
+        cast, members = self.layout.kept_buffer(self._shown, which, dtype)
+        cast.copy_(buffer)
+        return members
 
     def show_for_grad(self, which: str):
         """Like :meth:`show`, each member a fresh leaf that requires grad (for one vector-Jacobian product)."""
