@@ -61,9 +61,6 @@ class FsdpBridge:
         self._name_of = {id(p): name for name, p in self.sharded.items()}
         self.current = {}  # name -> the unsharded parameter of the latest evaluation
 
-    def names(self) -> list:
-        return list(self.sharded)
-
     @contextlib.contextmanager
     def capturing(self):
         """Note, at every call of a sharded module, the unsharded parameters FSDP2 has just swapped in."""

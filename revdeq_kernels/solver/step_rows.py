@@ -40,10 +40,7 @@ class StepRows:
         return self.data[index]
 
     def __setitem__(self, index, value):
-        if isinstance(index, int):
-            self.data.select(0, index).copy_(value)  # once per step: 2 us where indexing assignment takes 4
-        else:
-            self.data[index] = value
+        self.data[index] = value
 
     def __len__(self) -> int:
         return len(self.data)
