@@ -46,8 +46,13 @@ _modules = {}  # backend name -> what implements its ops (Backend.implementation
 
 
 def _backend_for(op: str, device: torch.device, backend: str | None, family: str = "float"):
+    return _modules[_chosen_backend(op, device, backend, family)]
+
+
+def _chosen_backend(op: str, device: torch.device, backend: str | None, family: str = "float") -> str:
+    """The name of the backend that serves ``op`` for ``backend=`` (then REVDEQ_BACKEND, then auto)."""
     requested = backend or os.environ.get("REVDEQ_BACKEND") or "auto"
-    return _modules[_backend_name(op, device.type, requested, family)]
+    return _backend_name(op, device.type, requested, family)
 
 
 def check_backend_name(caller: str, backend: str | None) -> None:

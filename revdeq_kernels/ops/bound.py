@@ -8,11 +8,9 @@ outputs after checking their shape, dtype and device, so those checks can only r
 check their arguments in C++.
 """
 
-import os
-
 import torch
 
-from . import SEQUENCES, _backend_for, _backend_name
+from . import SEQUENCES, _backend_for, _chosen_backend
 from .dtypes import multi_residual_dtype, residual_dtype
 
 _UNRESOLVED = object()
@@ -91,8 +89,7 @@ class BoundOps:
         if kernel is _UNRESOLVED:
             from ..backends import compiled, reference
 
-            requested = self.backend or os.environ.get("REVDEQ_BACKEND") or "auto"
-            chosen = _backend_name("residual", self.device.type, requested, family)
+            chosen = _chosen_backend("residual", self.device, self.backend, family)
             kernel = None
             if chosen == "reference":
                 kernel = getattr(reference, name)
