@@ -30,11 +30,16 @@ def fsdp_module_type():
 
 
 def sharded_modules(f) -> list:
-    """(name, module) for f and each module inside it that is sharded with FSDP2 (f itself is named '')."""
+    """(name, module) for f and each module inside it that is sharded with FSDP2 (f itself is named '').
+    Without an initialised process group there are none, and f's modules are not walked."""
     fsdp_module = fsdp_module_type()
-    if fsdp_module is None or not isinstance(f, torch.nn.Module):
+    if fsdp_module is None or not isinstance(f, torch.nn.Module) or not _distributed():
         return []
     return [(name, m) for name, m in f.named_modules() if isinstance(m, fsdp_module)]
+
+
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
 def _is_dtensor(t) -> bool:
@@ -55,8 +60,7 @@ class FsdpBridge:
 
     def __init__(self, f: torch.nn.Module, modules: list):
         self.modules = modules
-        for _, module in modules:
-            module.reshard()  # every sharded parameter of f is registered in its sharded form from here on
+        self.reshard()  # every sharded parameter of f is registered in its sharded form from here on
         self.sharded = {name: p for name, p in f.named_parameters() if _is_dtensor(p)}
         self._name_of = {id(p): name for name, p in self.sharded.items()}
         self.current = {}  # name -> the unsharded parameter of the latest evaluation
@@ -113,8 +117,7 @@ def unbridged_calls_refused(caller: str, bridge: "FsdpBridge | None"):
     sharded module it does not own). FSDP2 would compute with unsharded parameters the solver cannot map to
     their shards, and their gradients would be lost. Costs nothing unless torch.distributed is initialised."""
     fsdp_module = fsdp_module_type()
-    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-    if fsdp_module is None or not distributed:
+    if fsdp_module is None or not _distributed():
         yield
         return
     bridged = {id(m) for _, m in bridge.modules} if bridge is not None else set()
